@@ -1,0 +1,101 @@
+"""Multi-head dot-product attention with shared Q/K/V options, GQA, rotary and a KV cache.
+
+Shapes: b = batch, t = query length, s = key length, h = query heads, k = key/value
+heads (h = k * g), d = head_dim. Logical axis names of the kernels: `embed`,
+`heads` (query heads), `kv_heads`, `kv` (head_dim).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crosslayer.model.config import TransformerConfig
+from crosslayer.model.embeddings import rotary
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention.
+
+  `config.qkv`: "separate" (query, key, value projections), "shared_kv" (one
+  projection gives both keys and values) or "shared_qkv" (one projection gives
+  queries, keys and values). `config.num_kv_heads < num_heads` shares each key/value
+  head across a group of query heads (multi-query / grouped-query attention).
+  With `config.decode`, self-attention keeps keys/values of earlier steps in the
+  `cache` collection ([b, max_len, k, d]; values are not stored twice when they
+  equal the keys) and attends to steps <= `decode_step`.
+  """
+  config: TransformerConfig
+  is_self_attention: bool = True
+  use_cache: bool = False   # decoder self-attention: keep keys/values when config.decode
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, mask, q_positions=None, kv_positions=None, decode_step=None):
+    """x_q [b, t, embed], x_kv [b, s, embed], mask bool [b, 1, t, s] or None -> [b, t, embed]."""
+    cfg = self.config
+    h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+    init = nn.initializers.xavier_uniform()  # DenseGeneral inits the flattened 2-D kernel
+
+    def proj(heads, name, axes):
+      return dense(features=(heads, d), name=name,
+                   kernel_init=nn.with_logical_partitioning(init, ("embed", axes, "kv")))
+
+    if cfg.qkv == "shared_qkv":
+      qkv = proj(h, "qkv", "heads")
+      q, key = qkv(x_q), qkv(x_kv)
+      value = key
+    else:
+      q = proj(h, "query", "heads")(x_q)
+      if cfg.qkv == "shared_kv":
+        key = value = proj(k, "key_value", "kv_heads")(x_kv)
+      else:
+        key = proj(k, "key", "kv_heads")(x_kv)
+        value = proj(k, "value", "kv_heads")(x_kv)
+    if cfg.position == "rotary" and self.is_self_attention:
+      q = rotary(q, q_positions)
+      key = rotary(key, kv_positions)  # values are not rotated
+    shared_kv = value is key
+
+    if cfg.decode and self.use_cache:
+      key, value, mask = self._cached(key, value, shared_kv, decode_step)
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, h // k, d) * jnp.asarray(d ** -0.5, q.dtype)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    if cfg.attention_dropout_rate > 0:
+      weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, value).reshape(b, t, h, d)
+    return nn.DenseGeneral(
+        features=cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(),
+            ("heads", "kv", "embed")))(out)
+
+  def _cached(self, key, value, shared_kv, decode_step):
+    """Writes this step's key/value into the cache; returns the whole cache and its mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = None if shared_kv else self.variable("cache", "cached_value", jnp.zeros,
+                                                        value.shape, value.dtype)
+    if not initialized:  # the first call only sizes the cache: [b, max_len, k, d]
+      return key, value, None
+    start = (0, decode_step, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    key = cached_key.value
+    if shared_kv:
+      value = key
+    else:
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+      value = cached_value.value
+    length = key.shape[1]
+    mask = (jnp.arange(length) <= decode_step)[None, None, None, :]
+    return key, value, mask

@@ -1,0 +1,141 @@
+"""The model's hyperparameters as one frozen dataclass (as in the Flax WMT example).
+
+Built from `config.model` (ml_collections) by `from_config`; varied for evaluation
+and decoding with `.replace(deterministic=True, decode=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from crosslayer import sharing
+
+QKV_MODES = ("separate", "shared_kv", "shared_qkv")
+POSITION_KINDS = ("sinusoidal", "learned", "rotary")
+POSITION_INJECT = ("input", "every_layer")
+POSITION_LAYER_TABLES = ("shared", "per_layer")
+NORMS = ("pre", "post")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+REMAT = ("", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of the encoder-decoder Transformer."""
+  vocab_size: int = 8000            # joint source/target vocabulary
+  emb_dim: int = 256                # d_model
+  num_heads: int = 4                # query heads
+  num_kv_heads: int = 4             # key/value heads (< num_heads: GQA; 1: multi-query)
+  head_dim: int = 64                # per-head width
+  mlp_dim: int = 1024               # feed-forward hidden width
+  num_encoder_layers: int = 3
+  num_decoder_layers: int = 3
+  max_len: int = 256                # longest position (learned tables, caches)
+  dropout_rate: float = 0.1         # residual / embedding / FFN dropout
+  attention_dropout_rate: float = 0.1
+  norm: str = "pre"                 # "pre" (default) or "post" LayerNorm (Takase & Kiyono)
+  qkv: str = "separate"             # "separate" | "shared_kv" | "shared_qkv" projections
+  position: str = "sinusoidal"      # "sinusoidal" | "learned" | "rotary"
+  position_inject: str = "input"    # "input" (once) | "every_layer" (Universal Transformer)
+  position_layer_tables: str = "shared"  # every_layer + learned: one table or one per layer
+  share_embeddings: bool = True     # one token table for source and target
+  tie_output: bool = True           # logits through the (target) token table
+  dtype: Any = jnp.float32          # compute dtype; params stay float32 (param_dtype)
+  param_dtype: Any = jnp.float32
+  remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
+  # Resolved layer -> set schedules: ((component, schedule), ...) per stack.
+  encoder_schedules: tuple = ()
+  decoder_schedules: tuple = ()
+  deterministic: bool = False       # no dropout (evaluation)
+  decode: bool = False              # autoregressive decoding with the KV cache
+
+  def replace(self, **changes) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerConfig:
+  """Validates `config.model` and returns the model's TransformerConfig."""
+  m = model_cfg
+
+  def check(field, value, allowed):
+    if value not in allowed:
+      raise ValueError(f"config.model.{field}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+  check("qkv", m.qkv, QKV_MODES)
+  check("position.kind", m.position.kind, POSITION_KINDS)
+  check("position.inject", m.position.inject, POSITION_INJECT)
+  check("position.layer_tables", m.position.layer_tables, POSITION_LAYER_TABLES)
+  check("norm", m.norm, NORMS)
+  check("dtype", m.dtype, tuple(DTYPES))
+  check("remat", m.remat, REMAT)
+  if m.emb_dim < 1 or m.num_heads < 1 or m.mlp_dim < 1:
+    raise ValueError("config.model.emb_dim, num_heads, mlp_dim must be >= 1, got "
+                     f"{m.emb_dim}, {m.num_heads}, {m.mlp_dim}")
+  num_kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % num_kv:
+    raise ValueError(f"config.model.num_kv_heads: {num_kv} must divide num_heads={m.num_heads}")
+  if m.qkv == "shared_qkv" and num_kv != m.num_heads:
+    raise ValueError(f"config.model.num_kv_heads: qkv='shared_qkv' uses one projection for "
+                     f"queries, keys and values, so num_kv_heads must equal num_heads "
+                     f"({m.num_heads}) or 0, got {num_kv}")
+  head_dim = m.head_dim or m.emb_dim // m.num_heads
+  if not m.head_dim and m.emb_dim % m.num_heads:
+    raise ValueError(f"config.model.num_heads: {m.num_heads} must divide emb_dim={m.emb_dim} "
+                     "(or set config.model.head_dim)")
+  if m.position.kind == "rotary" and head_dim % 2:
+    raise ValueError(f"config.model.head_dim: rotary positions need an even head_dim, got {head_dim}")
+  if m.position.kind == "rotary" and m.position.inject != "input":
+    raise ValueError("config.model.position.inject: rotary positions act inside every attention "
+                     "layer already; use inject='input'")
+  scheds = sharing.resolve_schedules(m)
+  return TransformerConfig(
+      vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
+      emb_dim=m.emb_dim, num_heads=m.num_heads, num_kv_heads=num_kv, head_dim=head_dim,
+      mlp_dim=m.mlp_dim, num_encoder_layers=m.num_encoder_layers,
+      num_decoder_layers=m.num_decoder_layers, max_len=m.max_len, dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate, norm=m.norm, qkv=m.qkv,
+      position=m.position.kind, position_inject=m.position.inject,
+      position_layer_tables=m.position.layer_tables, share_embeddings=m.share_embeddings,
+      tie_output=m.tie_output, dtype=DTYPES[m.dtype], remat=m.remat,
+      encoder_schedules=tuple(scheds["encoder"].components.items()),
+      decoder_schedules=tuple(scheds["decoder"].components.items()))
+
+
+def default_model_config():
+  """`config.model` with every field commented; task configs override what they need."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 8000            # SentencePiece vocabulary (joint source/target)
+  m.emb_dim = 256                # d_model
+  m.num_heads = 4                # attention heads
+  m.num_kv_heads = 0             # key/value heads; 0 = num_heads; 1 = multi-query; else GQA
+  m.head_dim = 0                 # 0 = emb_dim // num_heads
+  m.mlp_dim = 1024               # feed-forward hidden width
+  m.num_encoder_layers = 6       # N, encoder
+  m.num_decoder_layers = 6       # N, decoder
+  m.max_len = 256                # longest position (learned position tables, decode cache)
+  m.dropout_rate = 0.1           # residual, embedding and FFN dropout
+  m.attention_dropout_rate = 0.1 # attention-weight dropout
+  m.norm = "pre"                 # "pre" | "post" LayerNorm (Takase & Kiyono use post)
+  m.qkv = "separate"             # "separate" | "shared_kv" | "shared_qkv" projections
+  m.share_embeddings = True      # one token table for source and target (joint vocabulary)
+  m.tie_output = True            # output projection = target token table
+  m.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
+  m.remat = ""                   # gradient checkpointing: "" | "full" | "dots" | ...
+  m.position = ml_collections.ConfigDict()
+  m.position.kind = "sinusoidal"     # "sinusoidal" | "learned" | "rotary"
+  m.position.inject = "input"        # "input" (once) | "every_layer" (Universal Transformer)
+  m.position.layer_tables = "shared" # every_layer + learned: "shared" table | "per_layer"
+  m.sharing = ml_collections.ConfigDict()
+  m.sharing.strategy = "none"    # none | all | sequence | cycle | cycle_rev | sandwich | custom
+  m.sharing.num_sets = 0         # M; 0 = the strategy's default (none: N, all: 1)
+  m.sharing.custom = ()          # strategy "custom": the set index of every layer
+  m.sharing.components = sharing.COMPONENTS  # which components follow the schedule
+  m.decoder_sharing = ml_collections.ConfigDict()
+  m.decoder_sharing.strategy = ""  # "" = same as config.model.sharing
+  m.decoder_sharing.num_sets = 0   # as sharing.num_sets
+  m.decoder_sharing.custom = ()    # as sharing.custom
+  return m

@@ -1,0 +1,26 @@
+"""Position-wise feed-forward block."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from crosslayer.model.config import TransformerConfig
+
+
+class FeedForward(nn.Module):
+  """Dense(mlp) -> ReLU -> dropout -> Dense(embed). [batch, length, embed] -> same."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    cfg = self.config
+    init = nn.initializers.xavier_uniform()
+    h = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wi",
+                 kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+    h = nn.relu(h)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=cfg.deterministic)
+    return nn.Dense(cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wo",
+                    kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)

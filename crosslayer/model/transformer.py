@@ -1,0 +1,109 @@
+"""The encoder-decoder Transformer.
+
+Batches follow the Flax WMT example: `inputs`/`targets` int32 [b, length] with 0
+as padding, optional `*_positions` and `*_segmentation` for packed examples.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from crosslayer.model.config import TransformerConfig
+from crosslayer.model.embeddings import PositionTable, TokenEmbed, sinusoid
+from crosslayer.model.layers import DecoderLayer, EncoderLayer
+from crosslayer.model.stack import Stack
+
+
+def shift_right(targets: jnp.ndarray, segmentation: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Decoder inputs: targets shifted right by one, 0 (start) at every segment start."""
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  if segmentation is not None:
+    starts = segmentation != jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1]
+    shifted = jnp.where(starts, 0, shifted)
+  return shifted
+
+
+def _positions(ids, positions):
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder Transformer whose stacks follow layer -> parameter-set schedules."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = TokenEmbed(cfg)
+    self.target_embed = self.embed if cfg.share_embeddings else TokenEmbed(cfg)
+    if cfg.position == "learned" and cfg.position_inject == "input":
+      self.position_table = PositionTable(cfg)  # one table, shared by encoder and decoder
+    self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_schedules)
+    self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_schedules)
+    if not cfg.tie_output:
+      self.logits_dense = nn.DenseGeneral(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                   ("embed", "vocab")))
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def _embed(self, table, ids, positions):
+    cfg = self.config
+    x = table(ids)
+    if cfg.position_inject == "input":
+      if cfg.position == "sinusoidal":
+        x = x + sinusoid(positions, cfg.emb_dim, cfg.dtype)
+      elif cfg.position == "learned":
+        x = x + self.position_table(positions)
+    return self.dropout(x, deterministic=cfg.deterministic)
+
+  def encode(self, inputs, inputs_positions=None, inputs_segmentation=None):
+    """inputs [b, s] -> encoded [b, s, embed]."""
+    positions = _positions(inputs, inputs_positions)
+    mask = nn.make_attention_mask(inputs > 0, inputs > 0)
+    if inputs_segmentation is not None:
+      mask = nn.combine_masks(mask, nn.make_attention_mask(inputs_segmentation,
+                                                           inputs_segmentation, jnp.equal))
+    x = self._embed(self.embed, inputs, positions)
+    return self.encoder(x, mask, positions)
+
+  def decode(self, encoded, inputs, targets, targets_positions=None, inputs_segmentation=None,
+             targets_segmentation=None, decode_step=None):
+    """Logits [b, t, vocab] for decoder inputs.
+
+    Teacher forcing: `targets` are the gold targets (shifted right here). With
+    `config.decode`: `targets` [b, 1] is the previous token and `decode_step` the
+    position being decoded; the self-attention cache holds the earlier steps.
+    """
+    cfg = self.config
+    if cfg.decode:
+      dec_in = targets
+      positions = jnp.full(targets.shape, decode_step if decode_step is not None else 0,
+                           jnp.int32)
+      self_mask = None
+      cross_mask = nn.make_attention_mask(jnp.ones_like(targets) > 0, inputs > 0)
+    else:
+      dec_in = shift_right(targets, targets_segmentation)
+      positions = _positions(targets, targets_positions)
+      self_mask = nn.combine_masks(nn.make_attention_mask(targets > 0, targets > 0),
+                                   nn.make_causal_mask(targets))
+      cross_mask = nn.make_attention_mask(targets > 0, inputs > 0)
+      if targets_segmentation is not None:
+        self_mask = nn.combine_masks(self_mask, nn.make_attention_mask(
+            targets_segmentation, targets_segmentation, jnp.equal))
+        cross_mask = nn.combine_masks(cross_mask, nn.make_attention_mask(
+            targets_segmentation, inputs_segmentation, jnp.equal))
+    y = self._embed(self.target_embed, dec_in, positions)
+    y = self.decoder(y, encoded, self_mask, cross_mask, positions, decode_step)
+    if cfg.tie_output:
+      return self.target_embed.attend(y)
+    return self.logits_dense(y)
+
+  def __call__(self, inputs, targets, inputs_positions=None, targets_positions=None,
+               inputs_segmentation=None, targets_segmentation=None):
+    """Teacher-forced logits [b, t, vocab]."""
+    encoded = self.encode(inputs, inputs_positions, inputs_segmentation)
+    return self.decode(encoded, inputs, targets, targets_positions, inputs_segmentation,
+                       targets_segmentation)
