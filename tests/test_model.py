@@ -1,0 +1,307 @@
+"""The scanned, shared-parameter model against an unrolled reference, in float64.
+
+The reference is a plain Python loop over layers that applies each layer with the
+parameter sets its schedule picks (no scan, no stacked-set plumbing). Gradients of
+the scanned model must equal the sum of the gradients that tied per-layer copies
+get in the reference.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from crosslayer import accounting, sharing
+from crosslayer.model.config import default_model_config, from_config
+from crosslayer.model.layers import DecoderLayer, EncoderLayer
+from crosslayer.model.transformer import Transformer
+
+COMPONENT_OF = {"self_attention": "self_attention", "cross_attention": "cross_attention",
+                "feed_forward": "feed_forward", "ln_self": "layer_norm", "ln_cross": "layer_norm",
+                "ln_ffn": "layer_norm", "position": "position"}
+
+INPUTS = np.array([[5, 9, 3, 7, 1, 0], [4, 8, 1, 0, 0, 0]], np.int32)
+TARGETS = np.array([[6, 2, 11, 1, 0], [3, 1, 0, 0, 0]], np.int32)
+
+
+def tiny(**overrides):
+  m = default_model_config()
+  m.vocab_size, m.emb_dim, m.num_heads, m.mlp_dim, m.max_len = 13, 8, 2, 12, 16
+  m.num_encoder_layers, m.num_decoder_layers = 4, 3
+  m.dropout_rate = m.attention_dropout_rate = 0.0
+  for key, value in overrides.items():
+    node = m
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return from_config(m).replace(dtype=jnp.float64, param_dtype=jnp.float64, deterministic=True)
+
+
+def sinusoid_np(pos, d):
+  half = d // 2
+  inv = np.exp(-np.log(10000.0) * np.arange(half) / max(half - 1, 1))
+  ang = np.asarray(pos, np.float64)[..., None] * inv
+  return np.concatenate([np.sin(ang), np.cos(ang)], -1)
+
+
+def reference_logits(cfg, params, layer_params, inputs, targets):
+  """Unrolled forward pass. layer_params[stack][i]: the params layer i uses (unstacked)."""
+  d = cfg.emb_dim
+  pos_in = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
+  pos_tg = np.broadcast_to(np.arange(targets.shape[1]), targets.shape)
+
+  def embed(table, ids, pos):
+    x = table[ids] * math.sqrt(d)
+    if cfg.position_inject == "input" and cfg.position == "sinusoidal":
+      x = x + sinusoid_np(pos, d)
+    if cfg.position_inject == "input" and cfg.position == "learned":
+      x = x + params["position_table"]["table"][pos]
+    return x
+
+  def final(stack, x):
+    if cfg.norm != "pre":
+      return x
+    p = params[stack]["final_norm"]
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / jnp.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+  src_mask = inputs > 0
+  enc_mask = (src_mask[:, None, :, None] & src_mask[:, None, None, :])
+  x = embed(params["embed"]["embedding"], inputs, pos_in)
+  num_sets = tuple((c, 1) for c, _ in cfg.encoder_schedules)
+  for i, lp in enumerate(layer_params["encoder"]):
+    x, _ = EncoderLayer(cfg, num_sets).apply({"params": lp}, x, {"sets": None, "layer": i},
+                                             enc_mask, pos_in)
+  encoded = final("encoder", x)
+
+  tgt_mask = targets > 0
+  causal = np.tril(np.ones((targets.shape[1],) * 2, bool))
+  self_mask = tgt_mask[:, None, :, None] & tgt_mask[:, None, None, :] & causal
+  cross_mask = tgt_mask[:, None, :, None] & src_mask[:, None, None, :]
+  dec_in = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  table = params["embed" if cfg.share_embeddings else "target_embed"]["embedding"]
+  y = embed(table, dec_in, pos_tg)
+  num_sets = tuple((c, 1) for c, _ in cfg.decoder_schedules)
+  for i, lp in enumerate(layer_params["decoder"]):
+    y, _ = DecoderLayer(cfg, num_sets).apply({"params": lp}, y, {"sets": None, "layer": i},
+                                             encoded, self_mask, cross_mask, pos_tg, None)
+  y = final("decoder", y)
+  if cfg.tie_output:
+    return y @ table.T
+  return y @ params["logits_dense"]["kernel"]
+
+
+def untie(cfg, params):
+  """Per-layer copies of the sets each layer uses."""
+  out = {}
+  for stack, scheds in (("encoder", cfg.encoder_schedules), ("decoder", cfg.decoder_schedules)):
+    scheds = dict(scheds)
+    stacked = params[stack]["layers"]
+    n = len(next(iter(scheds.values())))
+    out[stack] = [{name: jax.tree.map(lambda a, s=scheds[COMPONENT_OF[name]][i]: a[s], sub)
+                   for name, sub in stacked.items()} for i in range(n)]
+  return out
+
+
+def retie(cfg, per_layer_grads):
+  """Sums per-layer gradients into the stacked sets, following the schedules."""
+  out = {}
+  for stack, scheds in (("encoder", cfg.encoder_schedules), ("decoder", cfg.decoder_schedules)):
+    scheds = dict(scheds)
+    layers = per_layer_grads[stack]
+    out[stack] = {}
+    for name in layers[0]:
+      sched = scheds[COMPONENT_OF[name]]
+      out[stack][name] = jax.tree.map(
+          lambda *gs, sched=sched: jnp.stack([sum(g for g, s in zip(gs, sched) if s == k)
+                                              for k in range(max(sched) + 1)]),
+          *[layer[name] for layer in layers])
+  return out
+
+
+def loss_from_logits(logits):
+  w = (TARGETS > 0).astype(np.float64)
+  logp = jax.nn.log_softmax(logits)
+  return -(jnp.take_along_axis(logp, TARGETS[..., None], -1)[..., 0] * w).sum() + (
+      0.01 * (logits ** 2).mean())
+
+
+CASES = {
+    # every strategy, whole-block sharing
+    "none": {},
+    "all": {"sharing.strategy": "all"},
+    "sequence": {"sharing.strategy": "sequence", "sharing.num_sets": 2},
+    "cycle": {"sharing.strategy": "cycle", "sharing.num_sets": 2},
+    "cycle_rev": {"sharing.strategy": "cycle_rev", "sharing.num_sets": 2},
+    "sandwich": {"sharing.strategy": "sandwich", "sharing.num_sets": 3},
+    "custom": {"sharing.strategy": "custom", "sharing.custom": (1, 0, 0, 1),
+               "decoder_sharing.strategy": "custom", "decoder_sharing.custom": (0, 0, 1)},
+    # every component / qkv / position option under one shared strategy (options combined
+    # so that each compile covers several; every option appears at least once)
+    "attention_only_shared_kv_learned": {
+        "sharing.strategy": "cycle", "sharing.num_sets": 2, "qkv": "shared_kv",
+        "position.kind": "learned",
+        "sharing.components": ("encoder_self_attention", "decoder_self_attention",
+                               "decoder_cross_attention")},
+    "ffn_only_shared_qkv_ut_sinusoid": {
+        "sharing.strategy": "cycle", "sharing.num_sets": 2, "qkv": "shared_qkv",
+        "position.inject": "every_layer", "sharing.components": ("feed_forward",)},
+    "norms_only_multi_query_rotary_post_ln_untied_remat": {
+        "sharing.strategy": "cycle_rev", "sharing.num_sets": 2, "num_kv_heads": 1,
+        "position.kind": "rotary", "norm": "post", "share_embeddings": False,
+        "tie_output": False, "remat": "full", "sharing.components": ("layer_norm",)},
+    "ut_learned_shared_table": {"sharing.strategy": "all", "position.kind": "learned",
+                                "position.inject": "every_layer"},
+    "ut_learned_per_layer_tables_gqa": {
+        "sharing.strategy": "sequence", "sharing.num_sets": 2, "position.kind": "learned",
+        "position.inject": "every_layer", "position.layer_tables": "per_layer",
+        "num_heads": 4, "num_kv_heads": 2},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_scan_equals_unrolled_reference(name):
+  with jax.enable_x64(True):
+    cfg = tiny(**CASES[name])
+    model = Transformer(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), INPUTS, TARGETS))["params"]
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
+
+    def loss(p):
+      out = model.apply({"params": p}, INPUTS, TARGETS)
+      return loss_from_logits(out), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    def ref_loss(rest, per_layer):
+      out = reference_logits(cfg, rest, per_layer, INPUTS, TARGETS)
+      return loss_from_logits(out), out
+
+    per_layer = untie(cfg, params)
+    (_, ref_out), (g_rest, g_layers) = jax.jit(jax.value_and_grad(
+        ref_loss, argnums=(0, 1), has_aux=True))(params, per_layer)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
+
+    tied = retie(cfg, g_layers)
+    for stack in ("encoder", "decoder"):
+      for comp, g in tied[stack].items():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-10),
+                     grads[stack]["layers"][comp], g)
+      g_rest[stack].pop("layers")
+      grads[stack].pop("layers")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-10), grads, g_rest)
+
+
+@pytest.mark.parametrize("name", ["none", "cycle_rev"] + list(CASES)[7:])
+def test_parameter_counts_match_tree(name):
+  cfg = tiny(**CASES[name])
+  params = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), INPUTS,
+                                   TARGETS))["params"]
+  counts = accounting.parameter_counts(cfg)
+  assert accounting.count_tree(params) == counts["unique"]
+  for stack, scheds in (("encoder", cfg.encoder_schedules), ("decoder", cfg.decoder_schedules)):
+    layers = params[stack]["layers"]
+    for comp, sched in scheds:
+      names = [n for n in layers if COMPONENT_OF[n] == comp]
+      got = sum(accounting.count_tree(layers[n]) for n in names)
+      assert got == counts["components"][f"{stack}/{comp}"]["unique"]
+      assert all(x.shape[0] == max(sched) + 1 for n in names for x in jax.tree.leaves(layers[n]))
+  # effective = unique + what sharing saves, by hand for the strategy
+  saved = sum(c["per_set"] * (c["layers"] - c["sets"]) for c in counts["components"].values())
+  assert counts["effective"] == counts["unique"] + saved
+  # the optimizer holds every shared set once
+  opt = jax.eval_shape(optax.adam(1e-3).init, params)
+  assert accounting.count_tree(opt[0].mu) == counts["unique"]
+
+
+def test_parameter_count_formula_by_hand():
+  # d=8, h=2 (head_dim 4), mlp=12, vocab=13, enc N=4 / dec N=3, cycle M=2, tied, shared emb.
+  cfg = tiny(**CASES["cycle"])
+  attn = 4 * 8 * 8                      # q, k, v, out: 8x8 each
+  ffn = 8 * 12 + 12 + 12 * 8 + 8
+  enc = 2 * (attn + ffn + 2 * 16)       # 2 sets; 2 norms of 2*8 params
+  dec = 2 * (2 * attn + ffn + 3 * 16)
+  expected = enc + dec + 2 * 16 + 13 * 8
+  assert accounting.parameter_counts(cfg)["unique"] == expected
+  eff = 4 * (attn + ffn + 32) + 3 * (2 * attn + ffn + 48) + 32 + 104
+  assert accounting.parameter_counts(cfg)["effective"] == eff
+
+
+@pytest.mark.parametrize("name", ["sandwich"] + list(CASES)[7:])
+def test_cached_decoding_equals_teacher_forcing(name):
+  with jax.enable_x64(True):
+    cfg = tiny(**CASES[name])
+    params = nn.unbox(Transformer(cfg).init(jax.random.key(1), INPUTS, TARGETS))
+    full = Transformer(cfg).apply(params, INPUTS, TARGETS)
+    model = Transformer(cfg.replace(decode=True))
+    encoded = model.apply(params, INPUTS, method=Transformer.encode)
+    b, t = TARGETS.shape
+    _, cache = model.apply(params, encoded, INPUTS, jnp.zeros((b, t), jnp.int32),
+                           mutable=["cache"], method=Transformer.decode)
+    for leaf in jax.tree.leaves(cache):  # every cache leaf is [layers, batch, ...]
+      assert leaf.shape[1] == b and leaf.shape[0] in (cfg.num_decoder_layers,)
+    prev = np.pad(TARGETS, ((0, 0), (1, 0)))[:, :-1]
+    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, INPUTS, tok,
+                                                 decode_step=i, mutable=["cache"],
+                                                 method=Transformer.decode))
+    for i in range(t):
+      logits, cache = step(cache, prev[:, i:i + 1], i)
+      real = TARGETS[:, i] > 0
+      np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
+
+
+def test_packed_segments_equal_separate_examples():
+  with jax.enable_x64(True):
+    cfg = tiny(**CASES["cycle"])
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.key(2), INPUTS, TARGETS))
+    a_in, a_tg = np.array([[5, 9, 1]]), np.array([[6, 2, 1]])
+    b_in, b_tg = np.array([[4, 8, 7, 1]]), np.array([[3, 1]])
+    packed_in = np.array([[5, 9, 1, 4, 8, 7, 1, 0]])
+    packed_tg = np.array([[6, 2, 1, 3, 1, 0]])
+    seg_in = np.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+    seg_tg = np.array([[1, 1, 1, 2, 2, 0]])
+    pos_in = np.array([[0, 1, 2, 0, 1, 2, 3, 0]])
+    pos_tg = np.array([[0, 1, 2, 0, 1, 0]])
+    packed = model.apply(params, packed_in, packed_tg, pos_in, pos_tg, seg_in, seg_tg)
+    np.testing.assert_allclose(packed[0, :3], model.apply(params, a_in, a_tg)[0], atol=1e-10)
+    np.testing.assert_allclose(packed[0, 3:5], model.apply(params, b_in, b_tg)[0], atol=1e-10)
+
+
+def test_dropout_masks_differ_per_layer_and_bf16_runs():
+  cfg = tiny(**CASES["all"]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
+  m = default_model_config()
+  del m
+  cfg = cfg.replace(dropout_rate=0.5, deterministic=False)
+  model = Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), INPUTS, TARGETS))
+  a = model.apply(params, INPUTS, TARGETS, rngs={"dropout": jax.random.key(1)})
+  b = model.apply(params, INPUTS, TARGETS, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, b)
+  bf16 = Transformer(cfg.replace(dtype=jnp.bfloat16, deterministic=True))
+  out = bf16.apply(params, INPUTS, TARGETS)
+  assert out.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  ref = Transformer(cfg.replace(deterministic=True)).apply(params, INPUTS, TARGETS)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.15)
+
+
+def test_logical_axis_names_on_params():
+  cfg = tiny(**CASES["cycle"])
+  boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), INPUTS, TARGETS)["params"]
+  specs = nn.get_partition_spec(boxed)
+  assert tuple(specs["encoder"]["layers"]["self_attention"]["query"]["kernel"]) == (
+      "sets", "embed", "heads", "kv")
+  assert tuple(specs["decoder"]["layers"]["feed_forward"]["wi"]["kernel"]) == ("sets", "embed",
+                                                                               "mlp")
+  assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+
+
+def test_schedules_recorded_in_config():
+  cfg = tiny(**CASES["sandwich"])
+  assert dict(cfg.encoder_schedules)["feed_forward"] == sharing.schedule("sandwich", 4, 3)
