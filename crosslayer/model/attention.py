@@ -47,8 +47,8 @@ class Attention(nn.Module):
 
     if cfg.qkv == "shared_qkv":
       qkv = proj(h, "qkv", "heads")
-      q, key = qkv(x_q), qkv(x_kv)
-      value = key
+      q = qkv(x_q)
+      key = value = q if x_kv is x_q else qkv(x_kv)
     else:
       q = proj(h, "query", "heads")(x_q)
       if cfg.qkv == "shared_kv":

@@ -1,0 +1,96 @@
+"""Evaluation: teacher-forced loss on fixed-shape batches, and batched beam-search decoding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosslayer import decoding, losses
+from crosslayer.data import pipeline
+from crosslayer.model.config import TransformerConfig
+from crosslayer.model.transformer import Transformer
+
+
+def make_eval_step(cfg: TransformerConfig):
+  """jit(params, batch) -> token-level sums (loss without label smoothing)."""
+  model = Transformer(cfg.replace(deterministic=True))
+
+  @jax.jit
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
+                         batch["inputs_position"], batch["targets_position"],
+                         batch["inputs_segmentation"], batch["targets_segmentation"])
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    return losses.cross_entropy(logits, batch["targets"], weights)
+  return eval_step
+
+
+def eval_loss(eval_step, params, batches) -> dict:
+  """Mean per-target-token NLL, accuracy and perplexity over fixed-shape batches."""
+  sums = None
+  for batch in batches:
+    out = eval_step(params, {k: v for k, v in batch.items() if k != "example_index"})
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  weight = max(float(sums["weight"]), 1.0)
+  loss = float(sums["nll"]) / weight
+  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
+          "perplexity": float(np.exp(min(loss, 50.0))), "tokens": int(sums["weight"])}
+
+
+def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, length_penalty: float,
+                    min_len: int = 0, eos_id: int = 1):
+  """jit(params, inputs [b, s]) -> best hypothesis tokens [b, max_len] (0 after EOS)."""
+  model = Transformer(cfg.replace(deterministic=True, decode=True))
+
+  @jax.jit
+  def predict(params, inputs):
+    batch = inputs.shape[0]
+    encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    # The cache's shapes come from a sizing call; its values start at zero.
+    shapes = jax.eval_shape(
+        lambda: model.apply({"params": params}, encoded, inputs,
+                            jnp.zeros((batch, max_len), jnp.int32), mutable=["cache"],
+                            method=Transformer.decode)[1]["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    k = beam_size
+    enc = decoding.expand_for_beams(encoded, k) if k > 1 else encoded
+    src = decoding.expand_for_beams(inputs, k) if k > 1 else inputs
+
+    def tokens_to_logits(ids, cache, step):
+      logits, mutated = model.apply({"params": params, "cache": cache}, enc, src, ids,
+                                    decode_step=step, mutable=["cache"],
+                                    method=Transformer.decode)
+      return logits[:, 0].astype(jnp.float32), mutated["cache"]
+
+    if k == 1:
+      return decoding.greedy_search(tokens_to_logits, cache, batch_size=batch, max_len=max_len,
+                                    eos_id=eos_id, min_len=min_len)
+    seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch_size=batch, beam_size=k,
+                                   max_len=max_len, eos_id=eos_id, length_penalty=length_penalty,
+                                   min_len=min_len)
+    return seqs[:, 0]
+  return predict
+
+
+def decode_texts(predict, params, tokenizer, sources: list[str], *, batch_rows: int,
+                 max_len_inputs: int, put=lambda x: x) -> list[str]:
+  """Decodes source texts into detokenized hypotheses, same order and count.
+
+  Empty sources give empty hypotheses; over-long sources are truncated.
+  """
+  ids = tokenizer.encode(sources)
+  keep = [i for i, s in enumerate(sources) if s.strip()]
+  examples = pipeline.make_examples([ids[i] for i in keep], [np.zeros(0, np.int32)] * len(keep),
+                                    max_len_inputs=max_len_inputs, max_len_targets=1)
+  out = [""] * len(sources)
+  if not examples:
+    return out
+  for batch in pipeline.eval_batches(examples, batch_rows=batch_rows,
+                                     max_len_inputs=max_len_inputs, max_len_targets=1):
+    tokens = np.asarray(jax.device_get(predict(params, put(batch["inputs"]))))
+    for row, idx in enumerate(batch["example_index"]):
+      if idx >= 0:
+        out[keep[idx]] = tokenizer.decode(tokens[row])
+  return out

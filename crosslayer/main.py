@@ -1,0 +1,36 @@
+"""Train and evaluate: `python -m crosslayer.main --config=configs/translation.py:multi30k --workdir=DIR`.
+
+Intentionally short: flags -> config -> train_and_evaluate. Running it again on the
+same DIR resumes from the latest checkpoint.
+"""
+
+import os
+
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, vocabulary, results.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/translation.py:multi30k",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from crosslayer import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  # orbax logs every checkpoint step at INFO; keep its warnings only.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,398 @@
+"""Training and evaluation loop (one flat function in banner-commented sections).
+
+Everything a user can get wrong (config values, data files, mesh, a workdir of a
+different run) is checked before anything is written to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from crosslayer import accounting, checkpoint, evaluate, flops, losses, partitioning, sharing, tasks
+from crosslayer.data import pipeline, tokenizer as tokenizer_lib
+from crosslayer.model.config import from_config
+from crosslayer.model.transformer import Transformer
+
+# Config fields that must match when a workdir is reused (resume / decode).
+RUN_IDENTITY = ("task", "seed", "data.dataset", "data.src_lang", "data.tgt_lang",
+                "data.vocab_size", "data.max_len_inputs", "data.max_len_targets",
+                "data.train_examples", "model")
+
+
+# ----------------------------------------------------------------------------
+# Workdir helpers.
+# ----------------------------------------------------------------------------
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def check_workdir(workdir: Path, config) -> None:
+  """A clear error if `workdir` holds a run whose identity fields differ from `config`."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  saved = json.loads(saved_path.read_text())
+  now = _jsonable(config.to_dict())
+  for field in RUN_IDENTITY:
+    a, b = _get(saved, field), _get(now, field)
+    if a != b:
+      diff = field
+      if isinstance(a, dict):
+        diff = next(f"{field}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        a, b = _get(saved, diff), _get(now, diff)
+      raise ValueError(f"--workdir={workdir} holds a different run: config.{diff} is {a!r} in "
+                       f"{saved_path} but {b!r} now. Use a new --workdir (nothing was changed).")
+
+
+def tokenizer_path(workdir: Path, config) -> Path:
+  return Path(workdir) / "vocab" / f"spm_{config.data.vocab_size}.model"
+
+
+def model_config(config, vocab_size: int):
+  return from_config(config.model, vocab_size=vocab_size)
+
+
+def lr_schedule(t) -> optax.Schedule:
+  if t.schedule == "rsqrt":  # linear warm-up to the peak, then peak * sqrt(warmup / step)
+    warm = max(int(t.warmup_steps), 1)
+    return lambda step: t.learning_rate * jnp.minimum(
+        (step + 1) / warm, jnp.sqrt(warm / jnp.maximum(step + 1, warm)))
+  if t.schedule == "constant":
+    return optax.constant_schedule(t.learning_rate)
+  raise ValueError(f"config.train.schedule: {t.schedule!r} is not one of 'rsqrt', 'constant'")
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = lr_schedule(t)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(getattr(k, "key", None) in ("bias", "scale") for k in path), params)
+  if t.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                      mask=decay_mask)
+  elif t.optimizer == "adam":
+    opt = optax.adam(schedule, b1=t.b1, b2=t.b2, eps=t.eps)
+  else:
+    raise ValueError(f"config.train.optimizer: {t.optimizer!r} is not one of 'adamw', 'adam'")
+  if t.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  return opt, schedule
+
+
+def make_train_step(cfg, tx, schedule, *, label_smoothing: float, grad_accum: int, seed: int):
+  """jit-able (state, batch) -> (state, metric sums). Loss is the mean over target tokens."""
+  model = Transformer(cfg)
+  base_rng = jax.random.key(seed + 1)
+
+  def loss_fn(params, batch, rng):
+    logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
+                         batch["inputs_position"], batch["targets_position"],
+                         batch["inputs_segmentation"], batch["targets_segmentation"],
+                         rngs={"dropout": rng})
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    sums = losses.cross_entropy(logits, batch["targets"], weights, label_smoothing)
+    return sums["loss"], sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    params = state["params"]
+    if grad_accum == 1:
+      grads, sums = grad_fn(params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        g, s = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll", "correct", "weight")}
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(grad_accum), micro))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics = {**sums, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(
+        state["step"])}
+    return new_state, metrics
+
+  return train_step
+
+
+def create_state(cfg, tx, mesh, rules, seed: int, len_inputs: int, len_targets: int):
+  """(abstract state with shardings, init function) — params sharded by logical rules."""
+  model = Transformer(cfg.replace(deterministic=True))
+
+  def init(rng):
+    params = model.init({"params": rng}, jnp.ones((1, len_inputs), jnp.int32),
+                        jnp.ones((1, len_targets), jnp.int32))["params"]
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  boxed = jax.eval_shape(init, jax.random.key(seed))
+  shardings = partitioning.shardings(mesh, boxed, rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nn.unbox(boxed), shardings)
+  init_fn = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)
+  return abstract, shardings, init_fn
+
+
+def load_tokenizer(workdir: Path, config, texts=None):
+  path = tokenizer_path(workdir, config)
+  if texts is None and not path.exists():
+    raise ValueError(f"--workdir: no vocabulary at {path}; train a model in this workdir first")
+  return tokenizer_lib.load_or_train(path, texts, config.data.vocab_size,
+                                     max_sentences=config.data.spm_max_sentences)
+
+
+def _head(x: list, k: int) -> list:
+  return x[:k] if k else x
+
+
+class _Stop:
+  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+    for sig in (signal.SIGTERM,):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Signal %d: saving a checkpoint and stopping.", signum)
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------
+# Train and evaluate.
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates; returns results."""
+  workdir = Path(workdir)
+  t, d = config.train, config.data
+  task = tasks.get(config.task)
+
+  # --- Validate everything before writing anything. -------------------------
+  model_config(config, d.vocab_size)                 # model fields, sharing schedules
+  tx, schedule = make_optimizer(t)
+  mesh = partitioning.make_mesh(config.mesh.shape)
+  rules = partitioning.rules_from_config(config.mesh.rules)
+  max_len = max(d.max_len_inputs, d.max_len_targets)
+  rows = pipeline.batch_rows_for_tokens(t.batch_tokens, max_len)
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % (data_shards * t.grad_accum):
+    raise ValueError(f"config.train.batch_tokens: {t.batch_tokens} tokens = {rows} rows of "
+                     f"{max_len}; rows must divide by data*fsdp ({data_shards}) x "
+                     f"config.train.grad_accum ({t.grad_accum})")
+  if d.valid_split not in d.eval_splits:
+    raise ValueError(f"config.data.valid_split: {d.valid_split!r} must be one of "
+                     f"config.data.eval_splits {tuple(d.eval_splits)}")
+  check_workdir(workdir, config)
+  train_src, train_tgt = task.read_split(config, d.train_split)
+  train_src, train_tgt = _head(train_src, d.train_examples), _head(train_tgt, d.train_examples)
+  eval_text = {s: tuple(_head(x, d.eval_examples) for x in task.read_split(config, s))
+               for s in d.eval_splits}
+
+  # --- Workdir, vocabulary, data. --------------------------------------------
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not (workdir / "config.json").exists():
+    (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
+  tok = load_tokenizer(workdir, config, lambda: train_src + train_tgt)
+  cfg = model_config(config, tok.vocab_size)
+  counts = accounting.parameter_counts(cfg)
+  scheds = sharing.describe(sharing.resolve_schedules(config.model))
+  logging.info("Schedules: %s", scheds)
+  logging.info("Parameters: %d unique, %d effective", counts["unique"], counts["effective"])
+
+  def examples(src, tgt):
+    return pipeline.make_examples(tok.encode(src), tok.encode(tgt),
+                                  max_len_inputs=d.max_len_inputs,
+                                  max_len_targets=d.max_len_targets)
+
+  train_examples = examples(train_src, train_tgt)
+  shard_rows = rows // jax.process_count()
+  train_iter = pipeline.train_iterator(
+      train_examples, batch_rows=shard_rows, max_len_inputs=max_len, max_len_targets=max_len,
+      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+  eval_batches = {s: pipeline.eval_batches(examples(*eval_text[s]),
+                                           batch_rows=config.decode.eval_batch_rows,
+                                           max_len_inputs=d.max_len_inputs,
+                                           max_len_targets=d.max_len_targets)
+                  for s in d.eval_splits}
+
+  # --- State: init or restore. ------------------------------------------------
+  abstract, state_sharding, init_fn = create_state(
+      cfg, tx, mesh, rules, config.seed, max_len, max_len)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  mngr = checkpoint.manager(workdir, t.keep_checkpoints)
+  meta = {"train_seconds": 0.0, "train_tokens": 0, "rng_seed": config.seed}
+  start = mngr.latest_step()
+  if start is not None:
+    restored = checkpoint.restore(mngr, start, abstract)
+    state = restored["state"]
+    train_iter.set_state(restored["data"])
+    meta = restored["meta"]
+    logging.info("Resumed from step %d (%s)", start, mngr.directory)
+  else:
+    state = init_fn(jax.random.key(config.seed))
+    start = 0
+
+  train_step = jax.jit(
+      make_train_step(cfg, tx, schedule, label_smoothing=t.label_smoothing,
+                      grad_accum=t.grad_accum, seed=config.seed),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+      donate_argnums=0)
+  eval_step = evaluate.make_eval_step(cfg)
+  dec = config.decode
+  predict = evaluate.make_predict_fn(cfg, beam_size=dec.beam_size,
+                                     max_len=dec.max_len or d.max_len_targets,
+                                     length_penalty=dec.length_penalty, min_len=dec.min_len)
+  step_flops = flops.train_step_flops(cfg, rows, max_len, max_len)
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+  # --- Metrics writers. ---------------------------------------------------------
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  is_main = jax.process_index() == 0
+  writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
+  metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None
+
+  def log(step, kind, values):
+    if not is_main:
+      return
+    metrics_file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+    metrics_file.flush()
+    for k, v in values.items():
+      writer.add_scalar(f"{kind}/{k}", v, step)
+    writer.flush()
+
+  def validate(step):
+    out = evaluate.eval_loss(eval_step, state["params"], eval_batches[d.valid_split])
+    log(step, f"eval_{d.valid_split}", {k: out[k] for k in ("loss", "accuracy", "perplexity")})
+    if t.bleu_every and step % t.bleu_every == 0:
+      hyps = evaluate.decode_texts(predict, state["params"], tok, list(eval_text[d.valid_split][0]),
+                                   batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
+      scores = task.score(hyps, list(eval_text[d.valid_split][1]), eval_text[d.valid_split])
+      log(step, f"eval_{d.valid_split}", {k: v for k, v in scores.items() if
+                                           isinstance(v, float)})
+    return out["loss"]
+
+  def save(step, val_loss=None):
+    checkpoint.save(mngr, step, state, train_iter.get_state(), meta, val_loss)
+
+  # --- Train. ---------------------------------------------------------------------
+  stop = _Stop()
+  step = start
+  pending = []
+  last_save = time.time()
+  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not is_main, dynamic_ncols=True,
+                  desc="train")
+  loop_start, loop_seconds_before = time.time(), meta["train_seconds"]
+  try:
+    while step < t.num_steps:
+      if t.max_train_seconds and meta["train_seconds"] >= t.max_train_seconds:
+        logging.info("Stopping at step %d: max_train_seconds=%s reached", step,
+                     t.max_train_seconds)
+        break
+      batch = next(train_iter)
+      meta["train_tokens"] += int((batch["inputs"] > 0).sum() + (batch["targets"] > 0).sum())
+      state, metrics = train_step(state, put(batch))
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      meta["train_seconds"] = loop_seconds_before + time.time() - loop_start
+      if step % t.log_every == 0 or step == t.num_steps:
+        sums = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending))
+        pending = []
+        weight = max(float(sums["weight"].sum()), 1.0)
+        values = {"loss": float(sums["loss"].sum()) / weight,
+                  "nll": float(sums["nll"].sum()) / weight,
+                  "accuracy": float(sums["correct"].sum()) / weight,
+                  "grad_norm": float(sums["grad_norm"][-1]),
+                  "learning_rate": float(sums["learning_rate"][-1]),
+                  "tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9)}
+        if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
+          raise FloatingPointError(f"step {step}: loss {values['loss']}, grad norm "
+                                   f"{values['grad_norm']} (lower config.train.learning_rate?)")
+        log(step, "train", values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}",
+                        tok_s=f"{values['tokens_per_second']:.0f}")
+      evaluating = step % t.eval_every == 0 or step == t.num_steps
+      if evaluating or stop.requested or step % t.checkpoint_every == 0 or (
+          time.time() - last_save >= t.checkpoint_every_seconds):
+        paused = time.time()
+        val_loss = validate(step) if evaluating else None
+        save(step, val_loss)
+        last_save = time.time()
+        loop_start += last_save - paused  # evaluation and saving are not training time
+      if stop.requested:
+        break
+    if step != (mngr.latest_step() or 0) and not stop.requested:
+      save(step)  # stopped by max_train_seconds between checkpoints
+    mngr.wait_until_finished()
+  finally:
+    bar.close()
+    stop.restore()
+    train_iter.close()
+  if stop.requested:
+    logging.warning("Stopped by signal at step %d; run the same command to resume.", step)
+    return {}
+
+  # --- Final evaluation. --------------------------------------------------------------
+  decode_dir = workdir / "decode"
+  decode_dir.mkdir(exist_ok=True)
+  results_eval = {}
+  for split in d.eval_splits:
+    sources, references = eval_text[split]
+    out = evaluate.eval_loss(eval_step, state["params"], eval_batches[split])
+    hyps = evaluate.decode_texts(predict, state["params"], tok, list(sources),
+                                 batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
+    scores = task.score(hyps, list(references), eval_text[split])
+    if is_main:
+      (decode_dir / f"{split}.txt").write_text("".join(h + "\n" for h in hyps))
+    results_eval[split] = {"loss": out["loss"], **scores, "accuracy": out["accuracy"],
+                           "perplexity": out["perplexity"], "num_examples": len(sources)}
+    log(step, f"final_{split}", {k: v for k, v in results_eval[split].items()
+                                  if isinstance(v, float)})
+    logging.info("%s: %s", split, results_eval[split])
+  results = {
+      "task": config.task, "dataset": d.dataset, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
+      "step": int(step), "unique_params": counts["unique"],
+      "effective_params": counts["effective"], "train_seconds": meta["train_seconds"],
+      "train_tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9),
+      "train_flops": step_flops * step, "schedules": scheds, "eval": results_eval,
+      "config": _jsonable(config.to_dict()),
+  }
+  if is_main:
+    tmp = workdir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(workdir / "results.json")
+    metrics_file.close()
+    writer.close()
+  return results
