@@ -20,6 +20,13 @@ import orbax.checkpoint as ocp
 ITEMS = ("state", "data", "meta")
 
 
+def quiet_orbax_logs() -> None:
+  """orbax logs every save and restore at INFO through absl; keep its warnings only."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname)
+
+
 def manager(workdir: Path, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),

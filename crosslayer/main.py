@@ -21,11 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from crosslayer import train  # pylint: disable=g-import-not-at-top
+  from crosslayer import checkpoint, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
-  # orbax logs every checkpoint step at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname)
+  checkpoint.quiet_orbax_logs()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:

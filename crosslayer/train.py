@@ -132,7 +132,7 @@ def make_train_step(cfg, tx, schedule, *, label_smoothing: float, grad_accum: in
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
-    metrics = {**sums, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(
+    metrics = {**sums, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(
         state["step"])}
     return new_state, metrics
 

