@@ -185,10 +185,9 @@ def _beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, be
             s["cache"] = _gather_batch(new_cache, (batch_offsets + live_parent).reshape(-1),
                                        cache_batch_axis)
 
-        # Finished candidates: EOS extensions ranked among the top K.
-        top_logp = cand_logp[:, :K]
-        finishing = is_eos[:, :K] & (top_logp > _NEG_INF)
-        score = jnp.where(finishing, top_logp * inv_lp[t + 1], _NEG_INF)
+        # Finished candidates: EOS extensions ranked among the top K (a -inf candidate
+        # keeps score -inf and never displaces an existing entry).
+        score = jnp.where(is_eos[:, :K], cand_logp[:, :K] * inv_lp[t + 1], _NEG_INF)
         return merge_finished(s, score, jnp.broadcast_to(t, (B, K)), cand_parent[:, :K],
                               jnp.full((B, K), eos_id, jnp.int32))
 

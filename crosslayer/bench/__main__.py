@@ -1,0 +1,40 @@
+"""`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
+
+Suites: compile, train, memory, decode (see each function). Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent compilation cache
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", None, "Model sizes (tiny, small, medium); default per suite.")
+flags.DEFINE_list("strategies", None, "Sharing strategies; default: all of them.")
+flags.DEFINE_list("layers", None, "Layers per stack (compile suite); default 6,12,24,48.")
+flags.DEFINE_integer("rows", 64, "Batch rows (train, memory).")
+flags.DEFINE_integer("length", 32, "Tokens per row, source and target (train, memory).")
+flags.DEFINE_integer("vocab", 8000, "Vocabulary size.")
+flags.DEFINE_integer("steps", 10, "Timed train steps.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+flags.DEFINE_integer("beam_size", 4, "Beam size (decode).")
+flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes (decode).")
+flags.DEFINE_integer("decode_len", 40, "Decode steps (decode).")
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m crosslayer.bench {compile,train,memory,decode}")
+  from crosslayer.bench import suites  # pylint: disable=g-import-not-at-top
+  suite = argv[1]
+  fn = getattr(suites, f"suite_{suite}", None)
+  if fn is None:
+    raise app.UsageError(f"unknown suite {suite!r}; allowed: compile, train, memory, decode")
+  fn(FLAGS)
+
+
+if __name__ == "__main__":
+  app.run(main)

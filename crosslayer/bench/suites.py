@@ -1,0 +1,128 @@
+"""Benchmark suites. Each prints JSON lines via `common.emit`."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosslayer import accounting, evaluate, flops
+from crosslayer.bench import common
+from crosslayer.bench.common import STRATEGY_SETS
+
+
+def _strategies(flags_):
+  return flags_.strategies or list(STRATEGY_SETS)
+
+
+def suite_compile(flags_):
+  """Compile seconds (trace + lower + compile) of the scanned train step vs depth."""
+  layers = [int(n) for n in (flags_.layers or ["6", "12", "24", "48"])]
+  size = (flags_.sizes or ["small"])[0]
+  for strategy in _strategies(flags_):
+    for n in layers:
+      _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
+                                num_sets=STRATEGY_SETS[strategy], layers=n, dtype=flags_.dtype)
+      step, abstract, _, _ = common.build_train_step(cfg, flags_.rows, flags_.length)
+      batch = common.synthetic_batch(flags_.rows, flags_.length, cfg.vocab_size)
+      seconds = common.compile_seconds(step, abstract, batch)
+      counts = accounting.parameter_counts(cfg)
+      common.emit({"name": "compile", "strategy": strategy, "num_layers": n,
+                   "num_sets": max(dict(cfg.encoder_schedules)["feed_forward"]) + 1,
+                   "compile_seconds": round(seconds, 3), "unique_params": counts["unique"],
+                   "effective_params": counts["effective"], "size": size})
+
+
+def _timed_steps(step, state, batch, steps):
+  for _ in range(2):  # compile + warm up
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, float(np.median(times))
+
+
+def suite_train(flags_):
+  """Train-step time, tokens/s and MFU against the matmul peak measured in the same run."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[flags_.dtype]
+  peak = common.matmul_peak(dtype)
+  for size in flags_.sizes or ["small", "medium"]:
+    for strategy in flags_.strategies or ["none"]:
+      _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
+                                num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype)
+      rows, length = flags_.rows, flags_.length
+      step, abstract, init_fn, sharding = common.build_train_step(cfg, rows, length)
+      batch = jax.device_put(common.synthetic_batch(rows, length, cfg.vocab_size), sharding)
+      compiled = step.lower(abstract, batch).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      state = init_fn(jax.random.key(0))
+      _, seconds = _timed_steps(step, state, batch, flags_.steps)
+      analytic = flops.train_step_flops(cfg, rows, length, length)
+      tokens = 2 * rows * length
+      common.emit({"name": "train", "size": size, "strategy": strategy, "rows": rows,
+                   "length": length, "dtype": flags_.dtype, "step_seconds": seconds,
+                   "tokens_per_second": tokens / seconds, "analytic_flops": analytic,
+                   "xla_flops": float(cost.get("flops", -1.0)), "achieved_flops": analytic / seconds,
+                   "peak_flops": peak, "mfu": analytic / seconds / peak})
+
+
+def _nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def suite_memory(flags_):
+  """Bytes of params, optimizer state and peak temporaries of the compiled train step."""
+  size = (flags_.sizes or ["small"])[0]
+  for strategy in _strategies(flags_):
+    _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
+                              num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype)
+    step, abstract, _, _ = common.build_train_step(cfg, flags_.rows, flags_.length)
+    batch = common.synthetic_batch(flags_.rows, flags_.length, cfg.vocab_size)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    mem = step.lower(abstract, abstract_batch).compile().memory_analysis()
+    counts = accounting.parameter_counts(cfg)
+    params_bytes = _nbytes(abstract["params"])
+    opt_bytes = _nbytes(abstract["opt_state"])
+    common.emit({"name": "memory", "strategy": strategy, "size": size,
+                 "unique_params": counts["unique"], "effective_params": counts["effective"],
+                 "params_bytes": params_bytes, "optimizer_bytes": opt_bytes,
+                 "params_bytes_expected": counts["unique"] * 4,
+                 "optimizer_bytes_expected": 2 * counts["unique"] * 4 + 4,  # mu, nu, count
+                 "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
+                 "argument_bytes": int(getattr(mem, "argument_size_in_bytes", -1))})
+
+
+def suite_decode(flags_):
+  """Beam-search and greedy tokens/s at batch 1 and a large batch, with cache bytes."""
+  size = (flags_.sizes or ["small"])[0]
+  _, cfg = common.model_cfg(size, vocab=flags_.vocab, dtype=flags_.dtype,
+                            max_len=max(flags_.decode_len, flags_.length))
+  _, _, init_fn, _ = common.build_train_step(cfg, 1, flags_.length)
+  params = init_fn(jax.random.key(0))["params"]
+  steps = flags_.decode_len
+  for beam in (flags_.beam_size, 1):
+    # min_len = max_len: EOS never wins, so every run decodes exactly `steps` tokens.
+    predict = evaluate.make_predict_fn(cfg, beam_size=beam, max_len=steps, length_penalty=0.6,
+                                       min_len=steps)
+    for b in [int(x) for x in flags_.decode_batches]:
+      inputs = common.synthetic_batch(b, flags_.length, cfg.vocab_size)["inputs"]
+      jax.block_until_ready(predict(params, inputs))
+      times = []
+      for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(predict(params, inputs))
+        times.append(time.perf_counter() - start)
+      seconds = float(np.median(times))
+      cache_bytes = cfg.num_decoder_layers * b * beam * steps * cfg.num_kv_heads * cfg.head_dim * (
+          1 if cfg.qkv != "separate" else 2) * jnp.dtype(cfg.dtype).itemsize
+      common.emit({"name": "decode", "search": "beam" if beam > 1 else "greedy", "beam_size": beam,
+                   "batch": b, "steps": steps, "seconds": seconds,
+                   "tokens_per_second": b * steps / seconds, "cache_bytes": int(cache_bytes),
+                   "size": size})
