@@ -39,6 +39,15 @@ def eval_loss(eval_step, params, batches) -> dict:
           "perplexity": float(np.exp(min(loss, 50.0))), "tokens": int(sums["weight"])}
 
 
+def initial_cache(model: Transformer, params, encoded, inputs, max_len: int):
+  """The decode cache for `max_len` steps: empty self-attention keys/values (every leaf
+  [layers, batch, ...]) and the cross-attention keys/values of `encoded`, projected once."""
+  _, mutated = model.apply({"params": params}, encoded, inputs,
+                           jnp.zeros((inputs.shape[0], max_len), jnp.int32), mutable=["cache"],
+                           method=Transformer.decode)
+  return mutated["cache"]
+
+
 def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, length_penalty: float,
                     min_len: int = 0, eos_id: int = 1):
   """jit(params, inputs [b, s]) -> best hypothesis tokens [b, max_len] (0 after EOS)."""
@@ -48,12 +57,7 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
   def predict(params, inputs):
     batch = inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-    # The cache's shapes come from a sizing call; its values start at zero.
-    shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, encoded, inputs,
-                            jnp.zeros((batch, max_len), jnp.int32), mutable=["cache"],
-                            method=Transformer.decode)[1]["cache"])
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = initial_cache(model, params, encoded, inputs, max_len)
     k = beam_size
     enc = decoding.expand_for_beams(encoded, k) if k > 1 else encoded
     src = decoding.expand_for_beams(inputs, k) if k > 1 else inputs

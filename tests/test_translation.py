@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import translation
-from crosslayer import checkpoint, decoding, train
+from crosslayer import checkpoint, decoding, evaluate, train
 from crosslayer.decode import decode_file
 from crosslayer.model.transformer import Transformer
 from crosslayer.tasks import translation as translation_task
@@ -132,10 +132,7 @@ def test_beam1_equals_greedy_and_cache_equals_uncached(trained):
   max_len = 10
   model = Transformer(cfg.replace(deterministic=True, decode=True))
   encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-  shapes = jax.eval_shape(lambda: model.apply({"params": params}, encoded, inputs,
-                                              jnp.zeros((3, max_len), jnp.int32),
-                                              mutable=["cache"], method=Transformer.decode)[1])
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+  cache = evaluate.initial_cache(model, params, encoded, inputs, max_len)
 
   def tokens_to_logits(ids, cache, step):
     logits, mut = model.apply({"params": params, "cache": cache}, encoded, inputs, ids,

@@ -48,14 +48,19 @@ class Attention(nn.Module):
     if cfg.qkv == "shared_qkv":
       qkv = proj(h, "qkv", "heads")
       q = qkv(x_q)
-      key = value = q if x_kv is x_q else qkv(x_kv)
+      project_kv = lambda x: (q, q) if x is x_q else (qkv(x),) * 2
     else:
       q = proj(h, "query", "heads")(x_q)
       if cfg.qkv == "shared_kv":
-        key = value = proj(k, "key_value", "kv_heads")(x_kv)
+        key_value = proj(k, "key_value", "kv_heads")
+        project_kv = lambda x: (key_value(x),) * 2
       else:
-        key = proj(k, "key", "kv_heads")(x_kv)
-        value = proj(k, "value", "kv_heads")(x_kv)
+        key_proj, value_proj = proj(k, "key", "kv_heads"), proj(k, "value", "kv_heads")
+        project_kv = lambda x: (key_proj(x), value_proj(x))
+    if cfg.decode and not self.is_self_attention:
+      key, value = self._cached_memory(project_kv, x_kv)
+    else:
+      key, value = project_kv(x_kv)
     if cfg.position == "rotary" and self.is_self_attention:
       q = rotary(q, q_positions)
       key = rotary(key, kv_positions)  # values are not rotated
@@ -79,6 +84,22 @@ class Attention(nn.Module):
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(),
             ("heads", "kv", "embed")))(out)
+
+  def _cached_memory(self, project_kv, memory):
+    """Cross-attention while decoding: the memory's keys/values are projected once.
+
+    The first (cache-sizing) call projects `memory` and stores the result in the
+    cache; every decoding step reuses it instead of projecting again.
+    """
+    if self.has_variable("cache", "memory_key"):
+      key = self.get_variable("cache", "memory_key")
+      shared = not self.has_variable("cache", "memory_value")
+      return key, key if shared else self.get_variable("cache", "memory_value")
+    key, value = project_kv(memory)
+    self.put_variable("cache", "memory_key", key)
+    if value is not key:
+      self.put_variable("cache", "memory_value", value)
+    return key, value
 
   def _cached(self, key, value, shared_kv, decode_step):
     """Writes this step's key/value into the cache; returns the whole cache and its mask."""

@@ -1,0 +1,63 @@
+"""Benchmark suites run on a tiny config and print valid JSON; the FLOP count by hand."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crosslayer import flops
+from crosslayer.model.config import default_model_config, from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_analytic_flops_equal_a_hand_count():
+  m = default_model_config()
+  m.vocab_size, m.emb_dim, m.num_heads, m.mlp_dim = 10, 4, 2, 6
+  m.num_encoder_layers, m.num_decoder_layers = 2, 1
+  m.sharing.strategy = "all"          # a shared set applied twice still counts twice
+  cfg = from_config(m)
+  rows, s, t = 3, 5, 4
+  d, f, v = 4, 6, 10
+  # encoder layer: q,k,v,o projections 4 * 2*s*d*d; scores + weighted sum 2 * 2*s*s*d; FFN 2*2*s*d*f
+  enc = 4 * 2 * s * d * d + 2 * 2 * s * s * d + 2 * 2 * s * d * f
+  # decoder: causal self-attention counts t(t+1)/2 query-key pairs; cross: q,o on t, k,v on s
+  causal_pairs = t * (t + 1) // 2
+  self_attn = 4 * 2 * t * d * d + 2 * 2 * causal_pairs * d
+  cross = 2 * 2 * t * d * d + 2 * 2 * s * d * d + 2 * 2 * t * s * d
+  dec = self_attn + cross + 2 * 2 * t * d * f
+  logits = 2 * t * d * v
+  forward = rows * (2 * enc + dec + logits)
+  assert flops.forward_flops(cfg, rows, s, t) == forward
+  assert flops.train_step_flops(cfg, rows, s, t) == 3 * forward
+
+
+@pytest.mark.parametrize("suite,args,keys", [
+    ("compile", ["--layers=3,4", "--strategies=none,cycle_rev"],
+     {"name", "strategy", "num_layers", "compile_seconds", "unique_params", "effective_params"}),
+    ("train", ["--strategies=none"],
+     {"name", "step_seconds", "tokens_per_second", "peak_flops", "achieved_flops", "mfu",
+      "analytic_flops", "xla_flops"}),
+    ("memory", ["--strategies=none,all"],
+     {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params"}),
+    ("decode", ["--decode_batches=1,2", "--decode_len=5"],
+     {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),
+])
+def test_suite_prints_json_lines(suite, args, keys):
+  cmd = [sys.executable, "-m", "crosslayer.bench", suite, "--sizes=tiny", "--vocab=50",
+         "--rows=4", "--length=8", "--steps=2", *args]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert rows and all(next(iter(r)) == "name" and r["name"] == suite for r in rows)
+  assert all(keys <= set(r) for r in rows)
+  if suite == "compile":
+    assert {(r["strategy"], r["num_layers"]) for r in rows} == {
+        ("none", 3), ("none", 4), ("cycle_rev", 3), ("cycle_rev", 4)}
+  if suite == "memory":  # shared sets are stored once in params and in the optimizer state
+    for r in rows:
+      assert r["params_bytes"] == r["params_bytes_expected"] == 4 * r["unique_params"]
+      assert r["optimizer_bytes"] == r["optimizer_bytes_expected"]
+    assert rows[1]["params_bytes"] < rows[0]["params_bytes"]
