@@ -58,6 +58,8 @@ def get_config(arg: str = "multi30k"):
   e.length_penalty = 0.6              # GNMT length penalty alpha
   e.min_len = 0                       # minimum output tokens
   e.max_len = 0                       # maximum output tokens (0 = data.max_len_targets)
+  e.max_len_a = 1.5                   # ... and at most a * source tokens + b (0, 0: no limit)
+  e.max_len_b = 10
   e.batch_rows = 64                   # sentences per decode batch
   e.eval_batch_rows = 64              # sentences per teacher-forced eval batch
 

@@ -88,14 +88,10 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
   params = [checkpoint.restore(mngr, s, abstract, items=("state",))["state"]["params"]
             for s in steps]
   params = params[0] if len(params) == 1 else checkpoint.average_params(params)
-  dec = config.decode
-  predict = evaluate.make_predict_fn(
-      cfg, beam_size=beam_size or dec.beam_size,
-      max_len=dec.max_len or config.data.max_len_targets,
-      length_penalty=dec.length_penalty if length_penalty is None else length_penalty,
-      min_len=dec.min_len)
+  predict = evaluate.predict_fn_from_config(cfg, config, beam_size=beam_size,
+                                            length_penalty=length_penalty)
   hyps = evaluate.decode_texts(predict, params, tok, sources,
-                               batch_rows=batch_size or dec.batch_rows,
+                               batch_rows=batch_size or config.decode.batch_rows,
                                max_len_inputs=config.data.max_len_inputs)
   out = Path(output_path)
   out.parent.mkdir(parents=True, exist_ok=True)

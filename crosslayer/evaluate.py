@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from crosslayer import decoding, losses
 from crosslayer.data import pipeline
@@ -48,25 +49,51 @@ def initial_cache(model: Transformer, params, encoded, inputs, max_len: int):
   return mutated["cache"]
 
 
+def _split_memory(cache):
+  """(self-attention cache, cross-attention memory keys/values) of a decode cache."""
+  flat = traverse_util.flatten_dict(cache)
+  memory = {k: v for k, v in flat.items() if k[-1].startswith("memory_")}
+  rest = {k: v for k, v in flat.items() if k not in memory}
+  return rest, memory
+
+
 def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, length_penalty: float,
-                    min_len: int = 0, eos_id: int = 1):
-  """jit(params, inputs [b, s]) -> best hypothesis tokens [b, max_len] (0 after EOS)."""
+                    min_len: int = 0, eos_id: int = 1, max_len_a: float = 0.0,
+                    max_len_b: int = 0):
+  """jit(params, inputs [b, s]) -> best hypothesis tokens [b, max_len] (0 after EOS).
+
+  Outputs have at most `max_len` tokens, and at most `max_len_a * source_tokens +
+  max_len_b` when either is set (EOS is forced there), so a batch of short
+  sources stops early.
+  """
   model = Transformer(cfg.replace(deterministic=True, decode=True))
+  k = beam_size
 
   @jax.jit
   def predict(params, inputs):
     batch = inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-    cache = initial_cache(model, params, encoded, inputs, max_len)
-    k = beam_size
-    enc = decoding.expand_for_beams(encoded, k) if k > 1 else encoded
-    src = decoding.expand_for_beams(inputs, k) if k > 1 else inputs
+    # The cross-attention memory is projected once and, being the same for every beam of
+    # an example, kept out of the cache that beam search reorders at every step.
+    cache, memory = _split_memory(initial_cache(model, params, encoded, inputs, max_len))
+    cache = traverse_util.unflatten_dict(cache)
+    limit = jnp.full((batch,), max_len, jnp.int32)
+    if max_len_a or max_len_b:
+      wanted = jnp.ceil(max_len_a * (inputs > 0).sum(-1) + max_len_b).astype(jnp.int32)
+      limit = jnp.clip(wanted, min_len + 1, max_len)
+    if k > 1:
+      memory = {name: decoding.expand_for_beams(v, k, axis=1) for name, v in memory.items()}
+      encoded, inputs, limit = (decoding.expand_for_beams(x, k) for x in (encoded, inputs, limit))
 
     def tokens_to_logits(ids, cache, step):
-      logits, mutated = model.apply({"params": params, "cache": cache}, enc, src, ids,
+      full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **memory})
+      logits, mutated = model.apply({"params": params, "cache": full}, encoded, inputs, ids,
                                     decode_step=step, mutable=["cache"],
                                     method=Transformer.decode)
-      return logits[:, 0].astype(jnp.float32), mutated["cache"]
+      logits = logits[:, 0].astype(jnp.float32)
+      force_eos = (step >= limit - 1)[:, None] & (jnp.arange(logits.shape[-1]) != eos_id)
+      logits = jnp.where(force_eos, -jnp.inf, logits)
+      return logits, traverse_util.unflatten_dict(_split_memory(mutated["cache"])[0])
 
     if k == 1:
       return decoding.greedy_search(tokens_to_logits, cache, batch_size=batch, max_len=max_len,
@@ -78,6 +105,17 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
   return predict
 
 
+def predict_fn_from_config(cfg: TransformerConfig, config, *, beam_size=None,
+                           length_penalty=None):
+  """make_predict_fn with `config.decode` (flags may override beam size and penalty)."""
+  dec = config.decode
+  return make_predict_fn(
+      cfg, beam_size=beam_size or dec.beam_size,
+      max_len=dec.max_len or config.data.max_len_targets,
+      length_penalty=dec.length_penalty if length_penalty is None else length_penalty,
+      min_len=dec.min_len, max_len_a=dec.get("max_len_a", 0.0), max_len_b=dec.get("max_len_b", 0))
+
+
 def decode_texts(predict, params, tokenizer, sources: list[str], *, batch_rows: int,
                  max_len_inputs: int, put=lambda x: x) -> list[str]:
   """Decodes source texts into detokenized hypotheses, same order and count.
@@ -85,7 +123,8 @@ def decode_texts(predict, params, tokenizer, sources: list[str], *, batch_rows: 
   Empty sources give empty hypotheses; over-long sources are truncated.
   """
   ids = tokenizer.encode(sources)
-  keep = [i for i, s in enumerate(sources) if s.strip()]
+  # Longest first, so that every batch holds sources of similar length and stops early.
+  keep = sorted((i for i, s in enumerate(sources) if s.strip()), key=lambda i: -len(ids[i]))
   examples = pipeline.make_examples([ids[i] for i in keep], [np.zeros(0, np.int32)] * len(keep),
                                     max_len_inputs=max_len_inputs, max_len_targets=1)
   out = [""] * len(sources)

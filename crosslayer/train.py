@@ -268,9 +268,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       donate_argnums=0)
   eval_step = evaluate.make_eval_step(cfg)
   dec = config.decode
-  predict = evaluate.make_predict_fn(cfg, beam_size=dec.beam_size,
-                                     max_len=dec.max_len or d.max_len_targets,
-                                     length_penalty=dec.length_penalty, min_len=dec.min_len)
+  predict = evaluate.predict_fn_from_config(cfg, config)
   step_flops = flops.train_step_flops(cfg, rows, max_len, max_len)
 
   def put(batch):

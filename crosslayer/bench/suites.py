@@ -94,7 +94,10 @@ def suite_memory(flags_):
                  "unique_params": counts["unique"], "effective_params": counts["effective"],
                  "params_bytes": params_bytes, "optimizer_bytes": opt_bytes,
                  "params_bytes_expected": counts["unique"] * 4,
-                 "optimizer_bytes_expected": 2 * counts["unique"] * 4 + 4,  # mu, nu, count
+                 # Adam: two slots (mu, nu) per unique parameter + scalar step counters
+                 "optimizer_bytes_expected": 2 * counts["unique"] * 4 + sum(
+                     x.dtype.itemsize for x in jax.tree.leaves(abstract["opt_state"])
+                     if x.ndim == 0),
                  "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
                  "argument_bytes": int(getattr(mem, "argument_size_in_bytes", -1))})
 
