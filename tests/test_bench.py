@@ -40,7 +40,7 @@ def test_analytic_flops_equal_a_hand_count():
     ("train", ["--strategies=none"],
      {"name", "step_seconds", "tokens_per_second", "peak_flops", "achieved_flops", "mfu",
       "analytic_flops", "xla_flops"}),
-    ("memory", ["--strategies=none,all"],
+    ("memory", ["--strategies=none,all", "--layers=3"],
      {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params"}),
     ("decode", ["--decode_batches=1,2", "--decode_len=5"],
      {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),

@@ -80,9 +80,10 @@ def _nbytes(tree) -> int:
 def suite_memory(flags_):
   """Bytes of params, optimizer state and peak temporaries of the compiled train step."""
   size = (flags_.sizes or ["small"])[0]
+  layers = int((flags_.layers or ["6"])[0])
   for strategy in _strategies(flags_):
     _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
-                              num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype)
+                              num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype, layers=layers)
     step, abstract, _, _ = common.build_train_step(cfg, flags_.rows, flags_.length)
     batch = common.synthetic_batch(flags_.rows, flags_.length, cfg.vocab_size)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
@@ -90,7 +91,7 @@ def suite_memory(flags_):
     counts = accounting.parameter_counts(cfg)
     params_bytes = _nbytes(abstract["params"])
     opt_bytes = _nbytes(abstract["opt_state"])
-    common.emit({"name": "memory", "strategy": strategy, "size": size,
+    common.emit({"name": "memory", "strategy": strategy, "size": size, "num_layers": layers,
                  "unique_params": counts["unique"], "effective_params": counts["effective"],
                  "params_bytes": params_bytes, "optimizer_bytes": opt_bytes,
                  "params_bytes_expected": counts["unique"] * 4,
