@@ -26,7 +26,8 @@ class Attention(nn.Module):
   head across a group of query heads (multi-query / grouped-query attention).
   With `config.decode`, self-attention keeps keys/values of earlier steps in the
   `cache` collection ([b, max_len, k, d]; values are not stored twice when they
-  equal the keys) and attends to steps <= `decode_step`.
+  equal the keys) and attends to steps <= `decode_step`; cross-attention projects the
+  encoder memory once (`memory_key`/`memory_value` in the cache) and reuses it.
   """
   config: TransformerConfig
   is_self_attention: bool = True
