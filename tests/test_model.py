@@ -199,7 +199,7 @@ def test_scan_equals_unrolled_reference(name):
 
 @pytest.mark.parametrize("name", ["none", "cycle_rev"] + list(CASES)[7:])
 def test_parameter_counts_match_tree(name):
-  cfg = tiny(**CASES[name])
+  cfg = tiny(**CASES[name]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
   params = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), INPUTS,
                                    TARGETS))["params"]
   counts = accounting.parameter_counts(cfg)
@@ -221,7 +221,7 @@ def test_parameter_counts_match_tree(name):
 
 def test_parameter_count_formula_by_hand():
   # d=8, h=2 (head_dim 4), mlp=12, vocab=13, enc N=4 / dec N=3, cycle M=2, tied, shared emb.
-  cfg = tiny(**CASES["cycle"])
+  cfg = tiny(**CASES["cycle"]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
   attn = 4 * 8 * 8                      # q, k, v, out: 8x8 each
   ffn = 8 * 12 + 12 + 12 * 8 + 8
   enc = 2 * (attn + ffn + 2 * 16)       # 2 sets; 2 norms of 2*8 params
@@ -273,11 +273,9 @@ def test_packed_segments_equal_separate_examples():
     np.testing.assert_allclose(packed[0, 3:5], model.apply(params, b_in, b_tg)[0], atol=1e-10)
 
 
-def test_dropout_masks_differ_per_layer_and_bf16_runs():
-  cfg = tiny(**CASES["all"]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
-  m = default_model_config()
-  del m
-  cfg = cfg.replace(dropout_rate=0.5, deterministic=False)
+def test_dropout_masks_differ_and_bf16_runs():
+  cfg = tiny(**CASES["all"]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
+                                     dropout_rate=0.5, deterministic=False)
   model = Transformer(cfg)
   params = nn.unbox(model.init(jax.random.key(0), INPUTS, TARGETS))
   a = model.apply(params, INPUTS, TARGETS, rngs={"dropout": jax.random.key(1)})
@@ -292,7 +290,7 @@ def test_dropout_masks_differ_per_layer_and_bf16_runs():
 
 
 def test_logical_axis_names_on_params():
-  cfg = tiny(**CASES["cycle"])
+  cfg = tiny(**CASES["cycle"]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
   boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), INPUTS, TARGETS)["params"]
   specs = nn.get_partition_spec(boxed)
   assert tuple(specs["encoder"]["layers"]["self_attention"]["query"]["kernel"]) == (
