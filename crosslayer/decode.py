@@ -62,7 +62,6 @@ def read_sources(path: str) -> list[str]:
 def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=None,
                 length_penalty=None, batch_size=None, which: str = "latest",
                 average_last_n: int = 1) -> list[str]:
-  import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from crosslayer import checkpoint, evaluate, train  # pylint: disable=g-import-not-at-top
 
@@ -80,13 +79,8 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
   if average_last_n < 1 or len(steps) < average_last_n:
     raise ValueError(f"--average_last_n: {average_last_n} checkpoints up to step {step} "
                      f"requested, but only steps {steps} exist")
-  tx, _ = train.make_optimizer(config.train)
-  abstract, _, _ = train.create_state(
-      cfg, tx, _single_device_mesh(), (), config.seed,
-      max(config.data.max_len_inputs, config.data.max_len_targets),
-      max(config.data.max_len_inputs, config.data.max_len_targets))
-  params = [checkpoint.restore(mngr, s, abstract, items=("state",))["state"]["params"]
-            for s in steps]
+  restore = train.restore_state(mngr, config, cfg)
+  params = [restore(s)["params"] for s in steps]
   params = params[0] if len(params) == 1 else checkpoint.average_params(params)
   predict = evaluate.predict_fn_from_config(cfg, config, beam_size=beam_size,
                                             length_penalty=length_penalty)
@@ -98,12 +92,6 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
   out.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
   logging.info("Decoded %d lines with step(s) %s into %s", len(hyps), steps, out)
   return hyps
-
-
-def _single_device_mesh():
-  from crosslayer import partitioning  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  return partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
 
 
 def main(argv):

@@ -156,6 +156,15 @@ def create_state(cfg, tx, mesh, rules, seed: int, len_inputs: int, len_targets: 
   return abstract, shardings, init_fn
 
 
+def restore_state(mngr, config, cfg):
+  """A function step -> train state of that checkpoint, restored onto one device."""
+  tx, _ = make_optimizer(config.train)
+  n = max(config.data.max_len_inputs, config.data.max_len_targets)
+  mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+  abstract, _, _ = create_state(cfg, tx, mesh, (), config.seed, n, n)
+  return lambda step: checkpoint.restore(mngr, step, abstract, items=("state",))["state"]
+
+
 def load_tokenizer(workdir: Path, config, texts=None):
   path = tokenizer_path(workdir, config)
   if texts is None and not path.exists():

@@ -34,14 +34,8 @@ def tiny_config(**train_overrides):
 def restored_params(workdir, config):
   tok = train.load_tokenizer(Path(workdir), config)
   cfg = train.model_config(config, tok.vocab_size)
-  tx, _ = train.make_optimizer(config.train)
-  from crosslayer import partitioning
-  n = max(config.data.max_len_inputs, config.data.max_len_targets)
-  abstract, _, _ = train.create_state(cfg, tx, partitioning.make_mesh((1, 1, 1), jax.devices()[:1]),
-                                      (), config.seed, n, n)
   mngr = checkpoint.manager(Path(workdir), read_only=True)
-  state = checkpoint.restore(mngr, mngr.latest_step(), abstract, items=("state",))["state"]
-  return state, cfg, tok
+  return train.restore_state(mngr, config, cfg)(mngr.latest_step()), cfg, tok
 
 
 @pytest.fixture(scope="module")
