@@ -330,6 +330,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       batch = next(train_iter)
       meta["train_tokens"] += int((batch["inputs"] > 0).sum() + (batch["targets"] > 0).sum())
       state, metrics = train_step(state, put(batch))
+      if pending:  # at most two steps in flight: timing stays honest, SIGTERM saves promptly
+        jax.block_until_ready(pending[-1])
       pending.append(metrics)
       step += 1
       bar.update(1)
