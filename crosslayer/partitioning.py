@@ -65,7 +65,3 @@ def shardings(mesh: Mesh, abstract_boxed: Any, rules: Sequence) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())

@@ -178,13 +178,12 @@ def _head(x: list, k: int) -> list:
 
 
 class _Stop:
-  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit."""
+  """SIGTERM -> finish the current step, save a checkpoint, exit."""
 
   def __init__(self):
     self.requested = False
     self._old = {}
-    for sig in (signal.SIGTERM,):
-      self._old[sig] = signal.signal(sig, self._handle)
+    self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
