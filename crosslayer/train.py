@@ -159,9 +159,9 @@ def create_state(cfg, tx, mesh, rules, seed: int, len_inputs: int, len_targets: 
 def restore_state(mngr, config, cfg):
   """A function step -> train state of that checkpoint, restored onto one device."""
   tx, _ = make_optimizer(config.train)
-  n = max(config.data.max_len_inputs, config.data.max_len_targets)
   mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
-  abstract, _, _ = create_state(cfg, tx, mesh, (), config.seed, n, n)
+  abstract, _, _ = create_state(cfg, tx, mesh, (), config.seed, config.data.max_len_inputs,
+                                config.data.max_len_targets)
   return lambda step: checkpoint.restore(mngr, step, abstract, items=("state",))["state"]
 
 
@@ -209,18 +209,24 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   tx, schedule = make_optimizer(t)
   mesh = partitioning.make_mesh(config.mesh.shape)
   rules = partitioning.rules_from_config(config.mesh.rules)
-  max_len = max(d.max_len_inputs, d.max_len_targets)
+  len_in, len_tgt = d.max_len_inputs, d.max_len_targets
+  max_len = max(len_in, len_tgt)
+  if config.model.position.kind == "learned" and config.model.max_len < max_len:
+    raise ValueError(f"config.model.max_len: {config.model.max_len} is shorter than the longest "
+                     f"sequence (config.data.max_len_inputs/max_len_targets = {len_in}/{len_tgt})")
   rows = pipeline.batch_rows_for_tokens(t.batch_tokens, max_len)
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if rows % (data_shards * t.grad_accum):
     raise ValueError(f"config.train.batch_tokens: {t.batch_tokens} tokens = {rows} rows of "
                      f"{max_len}; rows must divide by data*fsdp ({data_shards}) x "
                      f"config.train.grad_accum ({t.grad_accum})")
+  partitioning.validate(mesh.shape, model_config(config, d.vocab_size), rules,
+                        vocab_field="config.data.vocab_size")
   if d.valid_split not in d.eval_splits:
     raise ValueError(f"config.data.valid_split: {d.valid_split!r} must be one of "
                      f"config.data.eval_splits {tuple(d.eval_splits)}")
   check_workdir(workdir, config)
-  train_src, train_tgt = task.read_split(config, d.train_split)
+  train_src, train_tgt = task.read_split(config, d.train_split)[:2]
   train_src, train_tgt = _head(train_src, d.train_examples), _head(train_tgt, d.train_examples)
   eval_text = {s: tuple(_head(x, d.eval_examples) for x in task.read_split(config, s))
                for s in d.eval_splits}
@@ -231,6 +237,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
   tok = load_tokenizer(workdir, config, lambda: train_src + train_tgt)
   cfg = model_config(config, tok.vocab_size)
+  partitioning.validate(mesh.shape, cfg, rules,  # a small corpus can give a smaller vocabulary
+                        vocab_field=f"config.data.vocab_size (trained: {tok.vocab_size})")
   counts = accounting.parameter_counts(cfg)
   scheds = sharing.describe(sharing.resolve_schedules(config.model))
   logging.info("Schedules: %s", scheds)
@@ -244,9 +252,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   train_examples = examples(train_src, train_tgt)
   shard_rows = rows // jax.process_count()
   train_iter = pipeline.train_iterator(
-      train_examples, batch_rows=shard_rows, max_len_inputs=max_len, max_len_targets=max_len,
+      train_examples, batch_rows=shard_rows, max_len_inputs=len_in, max_len_targets=len_tgt,
       seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
-  eval_batches = {s: pipeline.eval_batches(examples(*eval_text[s]),
+  eval_batches = {s: pipeline.eval_batches(examples(*eval_text[s][:2]),
                                            batch_rows=config.decode.eval_batch_rows,
                                            max_len_inputs=d.max_len_inputs,
                                            max_len_targets=d.max_len_targets)
@@ -254,7 +262,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
   # --- State: init or restore. ------------------------------------------------
   abstract, state_sharding, init_fn = create_state(
-      cfg, tx, mesh, rules, config.seed, max_len, max_len)
+      cfg, tx, mesh, rules, config.seed, len_in, len_tgt)
   batch_sharding = partitioning.batch_sharding(mesh)
   mngr = checkpoint.manager(workdir, t.keep_checkpoints)
   meta = {"train_seconds": 0.0, "train_tokens": 0, "rng_seed": config.seed}
@@ -277,7 +285,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   eval_step = evaluate.make_eval_step(cfg)
   dec = config.decode
   predict = evaluate.predict_fn_from_config(cfg, config)
-  step_flops = flops.train_step_flops(cfg, rows, max_len, max_len)
+  step_flops = flops.train_step_flops(cfg, rows, len_in, len_tgt)
 
   def put(batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
@@ -377,7 +385,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   decode_dir.mkdir(exist_ok=True)
   results_eval = {}
   for split in d.eval_splits:
-    sources, references = eval_text[split]
+    sources, references = eval_text[split][:2]
     out = evaluate.eval_loss(eval_step, state["params"], eval_batches[split])
     hyps = evaluate.decode_texts(predict, state["params"], tok, list(sources),
                                  batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
