@@ -19,7 +19,7 @@ def get_config(arg: str = "aeslc"):
   c = _translation.get_config("multi30k")
   c.task = "summarization"
   d, t, e, m = c.data, c.train, c.decode, c.model
-  d.dataset = "aeslc"                 # "aeslc" (local JSONL) | TFDS "cnn_dailymail" | "xsum"
+  d.dataset = "aeslc"                 # "aeslc" (local JSONL) | TFDS: "tfds:aeslc", "cnn_dailymail", "xsum"
   d.data_dir = ""                     # "" = $CROSSLAYER_DATA/aeslc, else ../shared/data/aeslc
   d.src_lang, d.tgt_lang = "document", "summary"  # field names (recorded in results.json)
   d.train_split = "train"

@@ -21,8 +21,9 @@ def read_split(config, split: str):
     if ex.skipped:
       logging.warning("%s: skipped %d bad lines", split, ex.skipped)
     return ex.documents, ex.summaries, ex.annotations
-  docs, sums = tfds_reader.read_pairs(d.dataset, split, data_dir=d.data_dir or None,
-                                      manual_dir=d.manual_dir or None)
+  # "tfds:aeslc" reads AESLC through TFDS instead of the local JSONL files.
+  docs, sums = tfds_reader.read_pairs(d.dataset.removeprefix("tfds:"), split,
+                                      data_dir=d.data_dir or None, manual_dir=d.manual_dir or None)
   return docs, sums, [[] for _ in docs]
 
 
