@@ -65,3 +65,42 @@ def shardings(mesh: Mesh, abstract_boxed: Any, rules: Sequence) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
+
+
+# Logical axis -> (config field, TransformerConfig attribute) of the dimension it shards.
+_SHARDED_DIMS = (
+    ("heads", "config.model.num_heads", "num_heads"),
+    ("kv_heads", "config.model.num_kv_heads", "num_kv_heads"),
+    ("mlp", "config.model.mlp_dim", "mlp_dim"),
+    ("embed", "config.model.emb_dim", "emb_dim"),
+    ("kv", "config.model.head_dim", "head_dim"),
+    ("vocab", "config.model.vocab_size", "vocab_size"),
+    ("length", "config.model.max_len", "max_len"),
+)
+
+
+def validate(mesh_shape, cfg, rules: Sequence = DEFAULT_RULES, *,
+             vocab_field: str = "config.model.vocab_size") -> None:
+  """ValueError (before any compile) if a model dimension does not divide its mesh axes.
+
+  `mesh_shape`: the resolved mesh sizes, `{"data": d, "fsdp": f, "tensor": t}` (a
+  `Mesh.shape` works); `cfg`: the model's TransformerConfig; `rules`: logical -> mesh axes.
+  """
+  sizes = dict(mesh_shape)
+  shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
+  rules = dict(rules_from_config(rules))
+  for name, field, attr in _SHARDED_DIMS:
+    axes = rules.get(name)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in sizes]
+    if unknown:
+      raise ValueError(f"config.mesh.rules: {name!r} maps to {unknown}, not mesh axes "
+                       f"{MESH_AXES}")
+    n = int(np.prod([sizes[a] for a in axes]))
+    value = getattr(cfg, attr)
+    if n > 1 and value % n:
+      field = vocab_field if name == "vocab" else field
+      raise ValueError(f"{field}: {value} is not divisible by {n}, the size of the mesh "
+                       f"axes {'x'.join(axes)} that config.mesh.rules shard {name!r} over "
+                       f"(config.mesh.shape={shape}); change the model dimension, the mesh "
+                       f"or the rule")

@@ -306,11 +306,16 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       writer.add_scalar(f"{kind}/{k}", v, step)
     writer.flush()
 
+  def on_one_device(params):
+    """Beam search runs on one device: XLA:CPU cannot yet SPMD-partition its top-k."""
+    return jax.device_put(params, jax.local_devices()[0]) if mesh.size > 1 else params
+
   def validate(step):
     out = evaluate.eval_loss(eval_step, state["params"], eval_batches[d.valid_split])
     log(step, f"eval_{d.valid_split}", {k: out[k] for k in ("loss", "accuracy", "perplexity")})
     if t.bleu_every and step % t.bleu_every == 0:
-      hyps = evaluate.decode_texts(predict, state["params"], tok, list(eval_text[d.valid_split][0]),
+      hyps = evaluate.decode_texts(predict, on_one_device(state["params"]), tok,
+                                   list(eval_text[d.valid_split][0]),
                                    batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
       scores = task.score(hyps, list(eval_text[d.valid_split][1]), eval_text[d.valid_split])
       log(step, f"eval_{d.valid_split}", {k: v for k, v in scores.items() if
@@ -387,7 +392,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   for split in d.eval_splits:
     sources, references = eval_text[split][:2]
     out = evaluate.eval_loss(eval_step, state["params"], eval_batches[split])
-    hyps = evaluate.decode_texts(predict, state["params"], tok, list(sources),
+    hyps = evaluate.decode_texts(predict, on_one_device(state["params"]), tok, list(sources),
                                  batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
     scores = task.score(hyps, list(references), eval_text[split])
     if is_main:
