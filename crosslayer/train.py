@@ -205,7 +205,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   task = tasks.get(config.task)
 
   # --- Validate everything before writing anything. -------------------------
-  model_config(config, d.vocab_size)                 # model fields, sharing schedules
+  requested_cfg = model_config(config, d.vocab_size)  # model fields, sharing schedules
   tx, schedule = make_optimizer(t)
   mesh = partitioning.make_mesh(config.mesh.shape)
   rules = partitioning.rules_from_config(config.mesh.rules)
@@ -220,7 +220,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     raise ValueError(f"config.train.batch_tokens: {t.batch_tokens} tokens = {rows} rows of "
                      f"{max_len}; rows must divide by data*fsdp ({data_shards}) x "
                      f"config.train.grad_accum ({t.grad_accum})")
-  partitioning.validate(mesh.shape, model_config(config, d.vocab_size), rules,
+  partitioning.validate(mesh.shape, requested_cfg, rules,
                         vocab_field="config.data.vocab_size")
   if d.valid_split not in d.eval_splits:
     raise ValueError(f"config.data.valid_split: {d.valid_split!r} must be one of "
