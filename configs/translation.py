@@ -30,6 +30,8 @@ def get_config(arg: str = "multi30k"):
   d.spm_max_sentences = 1_000_000     # sentences used to train SentencePiece
   d.train_examples = 0                # use only the first K training pairs (0 = all)
   d.eval_examples = 0                 # evaluate only the first K pairs of each split (0 = all)
+  d.num_shards = 0                    # input shards of the global batch (0 = one per process);
+                                      # the same value gives the same batches on any process count
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 20_000                # training steps
@@ -68,6 +70,14 @@ def get_config(arg: str = "multi30k"):
   c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
                   ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
                   ("kv", None), ("sets", None), ("length", None))  # logical -> mesh axes
+
+  c.distributed = r = ml_collections.ConfigDict()  # multi-process runs: crosslayer/distributed.py
+  r.initialize = "auto"               # "auto" (if the environment is multi-process) | "yes" | "no"
+  r.coordinator_address = ""          # process 0's "HOST:PORT" ("" = $JAX_COORDINATOR_ADDRESS)
+  r.num_processes = 0                 # processes in the run (0 = detect: SLURM, Open MPI, TPU)
+  r.process_id = -1                   # this process, 0 .. num_processes - 1 (-1 = detect)
+  r.local_device_ids = ""             # this process's devices, e.g. "0,1" ("" = all local ones)
+  r.cpu_collectives = "gloo"          # multi-process CPU collectives: "gloo" | "mpi" | "" (JAX's)
 
   c.model = m = default_model_config()
   m.num_encoder_layers = m.num_decoder_layers = 3

@@ -6,6 +6,10 @@
 IN: one source a line (plain text or .gz), or for summarization `.jsonl`/`.jsonl.gz`
 with a `document` field. OUT: one detokenized hypothesis a line, same order and
 count; an empty source gives an empty line; over-long sources are truncated.
+
+Decoding restores the params onto one device of one process, so it does not start
+multi-process JAX (`config.distributed` of the workdir is ignored): launch it once,
+on one host, also for a model trained on several.
 """
 
 from __future__ import annotations

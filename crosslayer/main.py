@@ -1,7 +1,9 @@
 """Train and evaluate: `python -m crosslayer.main --config=configs/translation.py:multi30k --workdir=DIR`.
 
-Intentionally short: flags -> config -> train_and_evaluate. Running it again on the
-same DIR resumes from the latest checkpoint.
+Intentionally short: flags -> config -> (multi-process) initialization ->
+train_and_evaluate. Running it again on the same DIR resumes from the latest
+checkpoint. Several processes (hosts): run the same command in each, see
+`config.distributed` and the README's "Scaling out".
 """
 
 import os
@@ -21,10 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from crosslayer import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from crosslayer import checkpoint, distributed, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   checkpoint.quiet_orbax_logs()
   try:
+    distributed.initialize(FLAGS.config)  # before any JAX computation
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from crosslayer import accounting, checkpoint, evaluate, flops, losses, partitioning, sharing, tasks
+from crosslayer import (accounting, checkpoint, distributed, evaluate, flops, losses,
+                        partitioning, sharing, tasks)
 from crosslayer.data import pipeline, tokenizer as tokenizer_lib
 from crosslayer.model.config import from_config
 from crosslayer.model.transformer import Transformer
@@ -132,8 +133,11 @@ def make_train_step(cfg, tx, schedule, *, label_smoothing: float, grad_accum: in
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
+    # Non-padding tokens of the global batch (all hosts), source and target.
+    tokens = (jnp.sum(batch["inputs"] > 0, dtype=jnp.int32) +
+              jnp.sum(batch["targets"] > 0, dtype=jnp.int32))
     metrics = {**sums, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(
-        state["step"])}
+        state["step"]), "tokens": tokens}
     return new_state, metrics
 
   return train_step
@@ -177,8 +181,47 @@ def _head(x: list, k: int) -> list:
   return x[:k] if k else x
 
 
+def num_input_shards(config) -> int:
+  """`config.data.num_shards`, 0 resolved to the process count; validated."""
+  n, processes = int(config.data.num_shards), jax.process_count()
+  shards = n or processes
+  if n < 0 or shards % processes:
+    raise ValueError(f"config.data.num_shards: {n} must be 0 (one shard per process) or a "
+                     f"positive multiple of the process count ({processes})")
+  return shards
+
+
+def process_shards(sharding, rows: int, max_len: int, num_shards: int) -> list[int]:
+  """The input shards whose rows this process's devices hold (whole, consecutive shards)."""
+  held = np.zeros(rows, bool)
+  for index in sharding.addressable_devices_indices_map((rows, max_len)).values():
+    held[index[0]] = True
+  per = rows // num_shards
+  shards = [s for s in range(num_shards) if held[s * per:(s + 1) * per].any()]
+  whole = all(held[s * per:(s + 1) * per].all() for s in shards)
+  if not shards or not whole or shards != list(range(shards[0], shards[-1] + 1)):
+    raise ValueError(f"config.data.num_shards: process {jax.process_index()}'s devices hold "
+                     f"rows {np.flatnonzero(held).tolist()} of the {rows}-row batch, not whole "
+                     f"consecutive shards of {per} rows (num_shards={num_shards}); use a "
+                     f"num_shards that divides the rows each process holds")
+  return shards
+
+
+def data_state_shards(saved: dict, num_shards: int) -> dict[int, Any]:
+  """{shard: iterator state} from a checkpoint's `data` item (also of one-shard runs)."""
+  if "shards" not in saved:  # written before the input had shards: one iterator's state
+    saved = {"num_shards": 1, "shards": [saved]}
+  if saved["num_shards"] != num_shards:
+    raise ValueError(f"config.data.num_shards: the checkpoint's input has "
+                     f"{saved['num_shards']} shards but this run {num_shards} (0 means one per "
+                     f"process: {jax.process_count()}); resume with "
+                     f"--config.data.num_shards={saved['num_shards']}")
+  return dict(enumerate(saved["shards"]))
+
+
 class _Stop:
-  """SIGTERM -> finish the current step, save a checkpoint, exit."""
+  """SIGTERM -> finish the current step, save a checkpoint, exit (with several processes:
+  at the next train log step, where all processes agree to stop)."""
 
   def __init__(self):
     self.requested = False
@@ -220,6 +263,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     raise ValueError(f"config.train.batch_tokens: {t.batch_tokens} tokens = {rows} rows of "
                      f"{max_len}; rows must divide by data*fsdp ({data_shards}) x "
                      f"config.train.grad_accum ({t.grad_accum})")
+  num_shards = num_input_shards(config)
+  if rows % num_shards:
+    raise ValueError(f"config.train.batch_tokens: {t.batch_tokens} tokens = {rows} rows of "
+                     f"{max_len}; rows must divide by config.data.num_shards ({num_shards}"
+                     f"{', the process count' if not d.num_shards else ''})")
+  batch_sharding = partitioning.batch_sharding(mesh)
+  local_shards = process_shards(batch_sharding, rows, max_len, num_shards)
   partitioning.validate(mesh.shape, requested_cfg, rules,
                         vocab_field="config.data.vocab_size")
   if d.valid_split not in d.eval_splits:
@@ -232,10 +282,18 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                for s in d.eval_splits}
 
   # --- Workdir, vocabulary, data. --------------------------------------------
+  # Several processes share the workdir (a shared filesystem): process 0 writes it.
+  is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
-  if not (workdir / "config.json").exists():
-    (workdir / "config.json").write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
+  if is_main and not (workdir / "config.json").exists():
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
+    tmp.replace(workdir / "config.json")
+  if not is_main:
+    distributed.barrier("vocabulary")  # process 0 trains and writes the vocabulary first
   tok = load_tokenizer(workdir, config, lambda: train_src + train_tgt)
+  if is_main:
+    distributed.barrier("vocabulary")
   cfg = model_config(config, tok.vocab_size)
   partitioning.validate(mesh.shape, cfg, rules,  # a small corpus can give a smaller vocabulary
                         vocab_field=f"config.data.vocab_size (trained: {tok.vocab_size})")
@@ -249,11 +307,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                                   max_len_inputs=d.max_len_inputs,
                                   max_len_targets=d.max_len_targets)
 
+  # The global batch is `num_shards` shards of rows // num_shards rows; this process
+  # reads only the shards its devices hold, so any process count sees the same batches.
   train_examples = examples(train_src, train_tgt)
-  shard_rows = rows // jax.process_count()
-  train_iter = pipeline.train_iterator(
-      train_examples, batch_rows=shard_rows, max_len_inputs=len_in, max_len_targets=len_tgt,
-      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_iter = pipeline.ShardsIterator(
+      train_examples, batch_rows=len(local_shards) * rows // num_shards,
+      shard_indices=local_shards, shard_count=num_shards, max_len_inputs=len_in,
+      max_len_targets=len_tgt, seed=config.seed)
   eval_batches = {s: pipeline.eval_batches(examples(*eval_text[s][:2]),
                                            batch_rows=config.decode.eval_batch_rows,
                                            max_len_inputs=d.max_len_inputs,
@@ -263,14 +323,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   # --- State: init or restore. ------------------------------------------------
   abstract, state_sharding, init_fn = create_state(
       cfg, tx, mesh, rules, config.seed, len_in, len_tgt)
-  batch_sharding = partitioning.batch_sharding(mesh)
   mngr = checkpoint.manager(workdir, t.keep_checkpoints)
   meta = {"train_seconds": 0.0, "train_tokens": 0, "rng_seed": config.seed}
   start = mngr.latest_step()
   if start is not None:
     restored = checkpoint.restore(mngr, start, abstract)
     state = restored["state"]
-    train_iter.set_state(restored["data"])
+    train_iter.set_state(data_state_shards(restored["data"], num_shards))
     meta = restored["meta"]
     logging.info("Resumed from step %d (%s)", start, mngr.directory)
   else:
@@ -288,12 +347,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   step_flops = flops.train_step_flops(cfg, rows, len_in, len_tgt)
 
   def put(batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v, (rows,) + v.shape[1:])
+            for k, v in batch.items()}
 
   # --- Metrics writers. ---------------------------------------------------------
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  is_main = jax.process_index() == 0
   writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
   metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None
 
@@ -310,11 +369,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Beam search runs on one device: XLA:CPU cannot yet SPMD-partition its top-k."""
     return jax.device_put(params, jax.local_devices()[0]) if mesh.size > 1 else params
 
+  def eval_params():
+    """One process: the params on the mesh. Several: every host gathers them onto its first
+    device and evaluates everything there (redundant, but no cross-host decoding)."""
+    return distributed.gather_params(state["params"])
+
   def validate(step):
-    out = evaluate.eval_loss(eval_step, state["params"], eval_batches[d.valid_split])
+    params = eval_params()
+    out = evaluate.eval_loss(eval_step, params, eval_batches[d.valid_split])
     log(step, f"eval_{d.valid_split}", {k: out[k] for k in ("loss", "accuracy", "perplexity")})
     if t.bleu_every and step % t.bleu_every == 0:
-      hyps = evaluate.decode_texts(predict, on_one_device(state["params"]), tok,
+      hyps = evaluate.decode_texts(predict, on_one_device(params), tok,
                                    list(eval_text[d.valid_split][0]),
                                    batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
       scores = task.score(hyps, list(eval_text[d.valid_split][1]), eval_text[d.valid_split])
@@ -322,8 +387,27 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                                            isinstance(v, float)})
     return out["loss"]
 
+  unfolded = []  # token counts (device scalars) of steps not yet in meta["train_tokens"]
+
+  def fold_tokens():
+    if unfolded:
+      meta["train_tokens"] += int(np.sum(jax.device_get(unfolded)))
+      unfolded.clear()
+
+  def data_state():
+    """Every shard's iterator state, gathered from the processes that read it."""
+    merged = {}
+    for part in distributed.allgather_json({str(s): v for s, v in train_iter.get_state().items()}):
+      for s, v in part.items():
+        merged.setdefault(int(s), v)
+    return {"num_shards": num_shards, "shards": [merged[s] for s in range(num_shards)]}
+
   def save(step, val_loss=None):
-    checkpoint.save(mngr, step, state, train_iter.get_state(), meta, val_loss)
+    fold_tokens()  # meta is exact in every checkpoint
+    checkpoint.save(mngr, step, state, data_state(), meta, val_loss)
+
+  def out_of_time():
+    return bool(t.max_train_seconds) and meta["train_seconds"] >= t.max_train_seconds
 
   # --- Train. ---------------------------------------------------------------------
   stop = _Stop()
@@ -333,24 +417,26 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not is_main, dynamic_ncols=True,
                   desc="train")
   loop_start, loop_seconds_before = time.time(), meta["train_seconds"]
+  # Decisions taken on wall-clock time or a signal, agreed by all processes (OR): every
+  # step with one process, at train log steps (a sync point anyway) with several.
+  multi = jax.process_count() > 1
+  flags = {"stop": False, "out_of_time": out_of_time(), "save_due": False}
   try:
-    while step < t.num_steps:
-      if t.max_train_seconds and meta["train_seconds"] >= t.max_train_seconds:
-        logging.info("Stopping at step %d: max_train_seconds=%s reached", step,
-                     t.max_train_seconds)
-        break
+    while step < t.num_steps and not flags["out_of_time"]:
       batch = next(train_iter)
-      meta["train_tokens"] += int((batch["inputs"] > 0).sum() + (batch["targets"] > 0).sum())
       state, metrics = train_step(state, put(batch))
       if pending:  # at most two steps in flight: timing stays honest, SIGTERM saves promptly
         jax.block_until_ready(pending[-1])
       pending.append(metrics)
+      unfolded.append(metrics["tokens"])
       step += 1
       bar.update(1)
       meta["train_seconds"] = loop_seconds_before + time.time() - loop_start
-      if step % t.log_every == 0 or step == t.num_steps:
-        sums = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending))
+      log_step = step % t.log_every == 0 or step == t.num_steps
+      if log_step:
+        sums = {k: np.stack([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
         pending = []
+        fold_tokens()
         weight = max(float(sums["weight"].sum()), 1.0)
         values = {"loss": float(sums["loss"].sum()) / weight,
                   "nll": float(sums["nll"].sum()) / weight,
@@ -364,24 +450,31 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         log(step, "train", values)
         bar.set_postfix(loss=f"{values['loss']:.3f}",
                         tok_s=f"{values['tokens_per_second']:.0f}")
+      if log_step or not multi:
+        flags = distributed.any_process({
+            "stop": stop.requested, "out_of_time": out_of_time(),
+            "save_due": time.time() - last_save >= t.checkpoint_every_seconds})
       evaluating = step % t.eval_every == 0 or step == t.num_steps
-      if evaluating or stop.requested or step % t.checkpoint_every == 0 or (
-          time.time() - last_save >= t.checkpoint_every_seconds):
+      if evaluating or flags["stop"] or flags["save_due"] or step % t.checkpoint_every == 0:
         paused = time.time()
         val_loss = validate(step) if evaluating else None
         save(step, val_loss)
+        flags["save_due"] = False
         last_save = time.time()
         loop_start += last_save - paused  # evaluation and saving are not training time
-      if stop.requested:
+      if flags["stop"]:
         break
-    if step != (mngr.latest_step() or 0) and not stop.requested:
+    if flags["out_of_time"] and step < t.num_steps:
+      logging.info("Stopping at step %d: max_train_seconds=%s reached", step,
+                   t.max_train_seconds)
+    if step != (mngr.latest_step() or 0) and not flags["stop"]:
       save(step)  # stopped by max_train_seconds between checkpoints
     mngr.wait_until_finished()
   finally:
     bar.close()
     stop.restore()
     train_iter.close()
-  if stop.requested:
+  if flags["stop"]:
     logging.warning("Stopped by signal at step %d; run the same command to resume.", step)
     return {}
 
@@ -389,10 +482,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   decode_dir = workdir / "decode"
   decode_dir.mkdir(exist_ok=True)
   results_eval = {}
+  params = eval_params()
   for split in d.eval_splits:
     sources, references = eval_text[split][:2]
-    out = evaluate.eval_loss(eval_step, state["params"], eval_batches[split])
-    hyps = evaluate.decode_texts(predict, on_one_device(state["params"]), tok, list(sources),
+    out = evaluate.eval_loss(eval_step, params, eval_batches[split])
+    hyps = evaluate.decode_texts(predict, on_one_device(params), tok, list(sources),
                                  batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
     scores = task.score(hyps, list(references), eval_text[split])
     if is_main:
@@ -406,6 +500,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       "task": config.task, "dataset": d.dataset, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
       "step": int(step), "unique_params": counts["unique"],
       "effective_params": counts["effective"], "train_seconds": meta["train_seconds"],
+      "train_tokens": meta["train_tokens"],
       "train_tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9),
       "train_flops": step_flops * step, "schedules": scheds, "eval": results_eval,
       "config": _jsonable(config.to_dict()),

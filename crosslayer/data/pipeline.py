@@ -95,14 +95,14 @@ def train_iterator(
 ) -> grain.DatasetIterator:
   """Iterator over packed training batches of fixed shape `[batch_rows, max_len]`.
 
-  Each epoch visits every example of this host's shard once, in a permutation
+  Each epoch visits every example of this shard once, in a permutation
   derived from `seed` and the epoch number. Examples are packed first-fit
   (grain's `FirstFitPackIterDataset`), so a batch's rows hold several examples
   each; near an epoch boundary a batch can hold examples of both epochs.
 
-  Multi-host: pass `shard_index=jax.process_index()` and
-  `shard_count=jax.process_count()`; each host then reads only the examples
-  `shard_index::shard_count` and produces its own part of the global batch.
+  Sharded input: shard `shard_index` of `shard_count` reads only the examples
+  `shard_index::shard_count`; `ShardsIterator` concatenates the shards a
+  process owns into its part of the global batch.
 
   The iterator is checkpointable: `it.get_state()` is a JSON-serializable dict,
   and `set_state(state)` on a fresh iterator built with the same arguments
@@ -116,8 +116,8 @@ def train_iterator(
     max_len_inputs: row length of the `inputs*` arrays.
     max_len_targets: row length of the `targets*` arrays.
     seed: shuffling seed, 0 <= seed < 2**32.
-    shard_index: this host's shard.
-    shard_count: number of shards (hosts).
+    shard_index: this iterator's shard.
+    shard_count: number of shards (`config.data.num_shards`).
     num_epochs: None repeats forever; otherwise iteration stops after that
       many epochs, the last batch padded with all-zero rows.
     prefetch: batches prepared ahead in a background thread (0: none).
@@ -131,7 +131,7 @@ def train_iterator(
   examples = _checked(examples, max_lens)
   if len(examples) < shard_count:
     raise ValueError(f"{len(examples)} examples cannot fill {shard_count} shards.")
-  # Each host keeps every shard_count-th example, starting at shard_index.
+  # A shard keeps every shard_count-th example, starting at shard_index.
   ds = grain.MapDataset.source(examples)[shard_index::shard_count]
   # `shuffle` before `repeat`: each epoch is a new permutation derived from
   # (seed, epoch), and epochs do not mix before packing.
@@ -151,6 +151,54 @@ def train_iterator(
   if prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   return iter(ds)
+
+
+class ShardsIterator:
+  """Batches of `batch_rows` rows: the rows of several shard iterators, concatenated.
+
+  A global batch is made of `shard_count` equal shards, shard `s` reading the
+  examples `s::shard_count` (see `train_iterator`). A process builds only the
+  shards whose rows its devices hold (`shard_indices`, consecutive), each giving
+  `batch_rows // len(shard_indices)` rows, so the global batch is the same
+  whatever the number of processes.
+
+  `get_state()` gives `{shard index: state}` for this process's shards;
+  `set_state` takes such a dict (or one with more shards) and restores its own.
+  """
+
+  def __init__(self, examples: Sequence[Example], *, batch_rows: int,
+               shard_indices: Sequence[int], shard_count: int, **kwargs):
+    if not shard_indices or batch_rows % len(shard_indices):
+      raise ValueError(f"{batch_rows} rows cannot be split into {len(shard_indices)} shards.")
+    self.shard_indices = tuple(int(s) for s in shard_indices)
+    rows = batch_rows // len(self.shard_indices)
+    self._iterators = [train_iterator(examples, batch_rows=rows, shard_index=s,
+                                      shard_count=shard_count, **kwargs)
+                       for s in self.shard_indices]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    parts = [next(it) for it in self._iterators]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[int, dict]:
+    return {s: it.get_state() for s, it in zip(self.shard_indices, self._iterators)}
+
+  def set_state(self, states: Mapping[int, dict]) -> None:
+    states = {int(s): state for s, state in states.items()}
+    missing = [s for s in self.shard_indices if s not in states]
+    if missing:
+      raise ValueError(f"No input state for shards {missing} (have {sorted(states)}).")
+    for s, it in zip(self.shard_indices, self._iterators):
+      it.set_state(states[s])
+
+  def close(self) -> None:
+    for it in self._iterators:
+      it.close()
 
 
 def eval_batches(
