@@ -61,3 +61,63 @@ def test_suite_prints_json_lines(suite, args, keys):
       assert r["params_bytes"] == r["params_bytes_expected"] == 4 * r["unique_params"]
       assert r["optimizer_bytes"] == r["optimizer_bytes_expected"]
     assert rows[1]["params_bytes"] < rows[0]["params_bytes"]
+
+
+# --- vs_flax_wmt / vs_torch: the same harness around another codebase's model. -------------
+TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
+COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
+
+
+def _flax_dir():
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("FLAX_DIR") or "/work/flax_checkout"
+  if not (Path(path) / "examples" / "wmt" / "models.py").is_file():
+    pytest.skip(f"no google/flax checkout with examples/wmt at {path} (set FLAX_DIR)")
+  return path
+
+
+def _bench(*args, timeout=600):
+  cmd = [sys.executable, "-m", "crosslayer.bench", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_vs_flax_wmt_prints_json_lines():
+  proc = _bench("vs_flax_wmt", f"--flax_dir={_flax_dir()}", *TINY, "--layers=2",
+                "--decode_batches=2", "--decode_len=5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r["what"] for r in rows] == ["train_step", "compile", "decode"]
+  for r in rows:
+    assert next(iter(r)) == "name" and r["name"] == "vs_flax_wmt"
+    assert COMPARE_KEYS <= set(r)
+    assert r["speedup"] == pytest.approx(r["theirs_seconds"] / r["ours_seconds"])
+    if r["what"] != "compile":
+      assert {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
+  train, compile_, decode = rows
+  assert train["config"]["ours_params"] == train["config"]["theirs_params"]  # same model sizes
+  assert compile_["config"]["layers"] == 2
+  assert decode["config"]["steps"] == 5 and decode["config"]["batch"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--flax_dir=/nonexistent/flax", "--flax_dir=.", None])
+def test_vs_flax_wmt_bad_flax_dir_is_one_clear_error(flag):
+  proc = _bench("vs_flax_wmt", *([flag] if flag else []), *TINY, timeout=120)
+  assert proc.returncode != 0 and not proc.stdout
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  assert "--flax_dir" in lines[0] and "examples/wmt/models.py" in lines[0]
+
+
+def test_vs_torch_prints_json_lines_or_skips():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  proc = _bench("vs_torch", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert rows and all(r["name"] == "vs_torch" for r in rows)
+  if importlib.util.find_spec("torch") is None:
+    assert "skipped" in rows[0] and "vs_torch: skipped" in proc.stderr
+    pytest.skip("torch is not installed: checked the skip message only")
+  (r,) = rows
+  assert COMPARE_KEYS | {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
+  assert r["what"] == "train_step" and r["config"]["size"] == "tiny"

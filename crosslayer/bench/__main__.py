@@ -1,6 +1,7 @@
 """`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
 
-Suites: compile, train, memory, decode (see each function). Logs go to stderr.
+Suites: compile, train, memory, decode (see each function in suites.py), vs_flax_wmt
+(vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -22,17 +23,22 @@ flags.DEFINE_integer("steps", 10, "Timed train steps.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("beam_size", 4, "Beam size (decode).")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes (decode).")
-flags.DEFINE_integer("decode_len", 40, "Decode steps (decode).")
+flags.DEFINE_integer("decode_len", 40, "Decode steps (decode; vs_flax_wmt: default 39).")
+flags.DEFINE_string("flax_dir", None, "vs_flax_wmt: root of a google/flax checkout (holding "
+                    "examples/wmt/models.py and decode.py).")
+flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
+
+SUITES = "compile, train, memory, decode, mesh, vs_flax_wmt, vs_torch"
 
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m crosslayer.bench {compile,train,memory,decode}")
+    raise app.UsageError(f"usage: python -m crosslayer.bench SUITE [flags]; SUITE: {SUITES}")
   from crosslayer.bench import suites  # pylint: disable=g-import-not-at-top
   suite = argv[1]
   fn = getattr(suites, f"suite_{suite}", None)
   if fn is None:
-    raise app.UsageError(f"unknown suite {suite!r}; allowed: compile, train, memory, decode")
+    raise app.UsageError(f"unknown suite {suite!r}; allowed: {SUITES}")
   fn(FLAGS)
 
 

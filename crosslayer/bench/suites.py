@@ -11,6 +11,8 @@ import numpy as np
 from crosslayer import accounting, evaluate, flops
 from crosslayer.bench import common
 from crosslayer.bench.common import STRATEGY_SETS
+from crosslayer.bench.vs_flax_wmt import suite_vs_flax_wmt  # noqa: F401  (registered suite)
+from crosslayer.bench.vs_torch import suite_vs_torch  # noqa: F401  (registered suite)
 
 
 def _strategies(flags_):
@@ -130,3 +132,9 @@ def suite_decode(flags_):
                    "batch": b, "steps": steps, "seconds": seconds,
                    "tokens_per_second": b * steps / seconds, "cache_bytes": int(cache_bytes),
                    "size": size})
+
+
+def suite_mesh(flags_):
+  """Per-device params / optimizer bytes and step time on meshes of 8 devices (bench/mesh.py)."""
+  from crosslayer.bench import mesh  # pylint: disable=g-import-not-at-top
+  mesh.run(flags_)
