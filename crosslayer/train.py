@@ -359,7 +359,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   def log(step, kind, values):
     if not is_main:
       return
-    metrics_file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+    metrics_file.write(json.dumps({"step": step, "kind": kind,
+                                   "train_seconds": round(meta["train_seconds"], 3),
+                                   **values}) + "\n")
     metrics_file.flush()
     for k, v in values.items():
       writer.add_scalar(f"{kind}/{k}", v, step)

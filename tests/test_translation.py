@@ -62,9 +62,11 @@ def test_trains_evaluates_and_writes_results(trained):
     assert len(lines) == ev["num_examples"]
     refs = translation_task.read_split(config, split)[1][:config.data.eval_examples]
     assert ev["bleu"] == pytest.approx(translation_task.score(lines, refs)["bleu"], abs=1e-9)
-  train_losses = [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().split(
-      "\n") if l and json.loads(l)["kind"] == "train"]
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().split("\n") if l]
+  train_losses = [l["loss"] for l in lines if l["kind"] == "train"]
   assert train_losses[-1] < train_losses[0]  # loss falls
+  clock = [l["train_seconds"] for l in lines]  # every line: training time so far
+  assert clock == sorted(clock) and 0 < clock[-1] <= saved["train_seconds"] + 1e-3
   assert list((workdir / "tensorboard").iterdir())
   assert saved["schedules"]["encoder"]["feed_forward"] == [0, 1]
 
