@@ -36,7 +36,11 @@ def forward_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_target
       _attention(cfg, rows, len_targets, len_inputs, self_attn=False, causal=False) +
       ffn(len_targets))
   logits = 2 * rows * len_targets * cfg.emb_dim * cfg.vocab_size
-  return float(enc + dec + logits)
+  copy = 0
+  if cfg.copy_head:  # query, key and gate projections; scores; copy weights onto the vocabulary
+    d, t, s = cfg.emb_dim, len_targets, len_inputs
+    copy = 2 * rows * (t * d * d + s * d * d + t * d + t * s * d + t * s * cfg.vocab_size)
+  return float(enc + dec + logits + copy)
 
 
 def train_step_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_targets: int) -> float:

@@ -45,13 +45,22 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
+def _newer_fields_dropped(saved, now):
+  """`now` without the fields that `saved` lacks and that are off (False, 0, "", ()):
+  fields added to the code after the saved run was made, at their no-op value."""
+  if not isinstance(saved, dict) or not isinstance(now, dict):
+    return now
+  return {k: _newer_fields_dropped(saved[k], v) if k in saved else v
+          for k, v in now.items() if k in saved or v}
+
+
 def check_workdir(workdir: Path, config) -> None:
   """A clear error if `workdir` holds a run whose identity fields differ from `config`."""
   saved_path = workdir / "config.json"
   if not saved_path.exists():
     return
   saved = json.loads(saved_path.read_text())
-  now = _jsonable(config.to_dict())
+  now = _newer_fields_dropped(saved, _jsonable(config.to_dict()))
   for field in RUN_IDENTITY:
     a, b = _get(saved, field), _get(now, field)
     if a != b:

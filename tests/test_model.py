@@ -92,9 +92,19 @@ def reference_logits(cfg, params, layer_params, inputs, targets):
     y, _ = DecoderLayer(cfg, num_sets).apply({"params": lp}, y, {"sets": None, "layer": i},
                                              encoded, self_mask, cross_mask, pos_tg, None)
   y = final("decoder", y)
-  if cfg.tie_output:
-    return y @ table.T
-  return y @ params["logits_dense"]["kernel"]
+  logits = y @ table.T if cfg.tie_output else y @ params["logits_dense"]["kernel"]
+  if not cfg.copy_head:
+    return logits
+  # Pointer-generator, written out: p = g * softmax(logits) + (1 - g) * copied attention.
+  c = params["copy_head"]
+  q, k = y @ c["query"]["kernel"], encoded @ c["key"]["kernel"]
+  scores = jnp.where(cross_mask[:, 0], q @ k.transpose(0, 2, 1) / math.sqrt(d), -1e30)
+  attn = jax.nn.softmax(scores, axis=-1)
+  gate = jax.nn.sigmoid(y @ c["gate"]["kernel"] + c["gate"]["bias"])
+  p_copy = jnp.zeros(logits.shape).at[
+      np.arange(inputs.shape[0])[:, None, None], np.arange(targets.shape[1])[None, :, None],
+      inputs[:, None, :]].add(attn)  # scatter each source position's weight onto its token
+  return jnp.log(gate * jax.nn.softmax(logits, axis=-1) + (1 - gate) * p_copy)
 
 
 def untie(cfg, params):
@@ -162,6 +172,8 @@ CASES = {
         "sharing.strategy": "sequence", "sharing.num_sets": 2, "position.kind": "learned",
         "position.inject": "every_layer", "position.layer_tables": "per_layer",
         "num_heads": 4, "num_kv_heads": 2},
+    "copy_head_cycle_untied": {"sharing.strategy": "cycle", "sharing.num_sets": 2,
+                               "copy_head": True, "tie_output": False},
 }
 
 
@@ -253,6 +265,22 @@ def test_cached_decoding_equals_teacher_forcing(name):
       logits, cache = step(cache, prev[:, i:i + 1], i)
       real = TARGETS[:, i] > 0
       np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
+
+
+def test_copy_head_mixes_two_distributions():
+  with jax.enable_x64(True):
+    cfg = tiny(**CASES["copy_head_cycle_untied"])
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.key(3), INPUTS, TARGETS))
+    out = model.apply(params, INPUTS, TARGETS)
+    np.testing.assert_allclose(jax.nn.logsumexp(out, axis=-1), 0.0, atol=1e-12)  # normalized
+    # Gate shut (g = 0): only tokens of the example's own source get probability.
+    shut = jax.tree.map(lambda x: x, params)
+    shut["params"]["copy_head"]["gate"]["bias"] = jnp.full((1,), -1e3)
+    p = np.exp(model.apply(shut, INPUTS, TARGETS))
+    for row in range(INPUTS.shape[0]):
+      source = set(INPUTS[row][INPUTS[row] > 0].tolist())
+      np.testing.assert_allclose(p[row][:, sorted(source)].sum(-1), 1.0, atol=1e-12)
 
 
 def test_packed_segments_equal_separate_examples():

@@ -212,6 +212,18 @@ def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
   assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
 
 
+def test_workdir_of_an_older_version_still_resumes(tmp_path):
+  """A field added to the code since the run was made is ignored at its off value only."""
+  config = tiny_config()
+  saved = train._jsonable(config.to_dict())
+  del saved["model"]["copy_head"]  # a run made before the field existed
+  tmp_path.joinpath("config.json").write_text(json.dumps(saved))
+  train.check_workdir(tmp_path, config)  # no error: copy_head=False changes nothing
+  config.model.copy_head = True
+  with pytest.raises(ValueError, match="config.model.copy_head"):
+    train.check_workdir(tmp_path, config)
+
+
 def test_unknown_config_field_is_a_clear_error(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "crosslayer.main",
                          "--config=configs/translation.py:tiny", f"--workdir={tmp_path / 'wd'}",

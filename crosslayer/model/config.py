@@ -43,6 +43,7 @@ class TransformerConfig:
   position_layer_tables: str = "shared"  # every_layer + learned: one table or one per layer
   share_embeddings: bool = True     # one token table for source and target
   tie_output: bool = True           # logits through the (target) token table
+  copy_head: bool = False           # pointer-generator: mix in copies of source tokens
   dtype: Any = jnp.float32          # compute dtype; params stay float32 (param_dtype)
   param_dtype: Any = jnp.float32
   remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
@@ -99,7 +100,8 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
       attention_dropout_rate=m.attention_dropout_rate, norm=m.norm, qkv=m.qkv,
       position=m.position.kind, position_inject=m.position.inject,
       position_layer_tables=m.position.layer_tables, share_embeddings=m.share_embeddings,
-      tie_output=m.tie_output, dtype=DTYPES[m.dtype], remat=m.remat,
+      tie_output=m.tie_output, copy_head=bool(m.get("copy_head", False)),
+      dtype=DTYPES[m.dtype], remat=m.remat,
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
 
@@ -123,6 +125,8 @@ def default_model_config():
   m.qkv = "separate"             # "separate" | "shared_kv" | "shared_qkv" projections
   m.share_embeddings = True      # one token table for source and target (joint vocabulary)
   m.tie_output = True            # output projection = target token table
+  m.copy_head = False            # pointer-generator output (See et al. 2017): the decoder may
+                                 # copy source tokens (model/copy_head.py; summarization)
   m.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
   m.remat = ""                   # gradient checkpointing: "" | "full" | "dots" | ...
   m.position = ml_collections.ConfigDict()

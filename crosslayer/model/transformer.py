@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.copy_head import CopyHead
 from crosslayer.model.embeddings import PositionTable, TokenEmbed, sinusoid
 from crosslayer.model.layers import DecoderLayer, EncoderLayer
 from crosslayer.model.stack import Stack
@@ -47,6 +48,8 @@ class Transformer(nn.Module):
           cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                    ("embed", "vocab")))
+    if cfg.copy_head:
+      self.copy_head = CopyHead(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def _embed(self, table, ids, positions):
@@ -71,7 +74,7 @@ class Transformer(nn.Module):
 
   def decode(self, encoded, inputs, targets, targets_positions=None, inputs_segmentation=None,
              targets_segmentation=None, decode_step=None):
-    """Logits [b, t, vocab] for decoder inputs.
+    """Logits [b, t, vocab] for decoder inputs (log-probabilities with `config.copy_head`).
 
     Teacher forcing: `targets` are the gold targets (shifted right here). With
     `config.decode`: `targets` [b, 1] is the previous token and `decode_step` the
@@ -97,9 +100,10 @@ class Transformer(nn.Module):
             targets_segmentation, inputs_segmentation, jnp.equal))
     y = self._embed(self.target_embed, dec_in, positions)
     y = self.decoder(y, encoded, self_mask, cross_mask, positions, decode_step)
-    if cfg.tie_output:
-      return self.target_embed.attend(y)
-    return self.logits_dense(y)
+    logits = self.target_embed.attend(y) if cfg.tie_output else self.logits_dense(y)
+    if cfg.copy_head:
+      return self.copy_head(logits, y, encoded, inputs, cross_mask)
+    return logits
 
   def __call__(self, inputs, targets, inputs_positions=None, targets_positions=None,
                inputs_segmentation=None, targets_segmentation=None):

@@ -1,0 +1,54 @@
+"""Pointer-generator output (See et al., 2017): copy source tokens into the output.
+
+The decoder's vocabulary distribution is mixed with a copy distribution: one
+attention head from each decoder position over the encoder output, its weights
+added onto the vocabulary ids of the source tokens (the vocabulary is joint, so
+every source token is also a target token). A gate from the decoder state picks
+the mixture:
+
+  p(w) = g * softmax(logits)(w) + (1 - g) * sum_{s: inputs_s = w} a_s.
+
+The head returns log p, which stands in for logits everywhere downstream
+(`log_softmax(log p) = log p`): the loss, beam search and greedy search need no
+change. Logical axis names of the kernels: `embed`, `kv`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crosslayer.model.config import TransformerConfig
+
+# Floor of the mixture before the log: keeps log p finite (and its gradient zero)
+# where both distributions underflow.
+_TINY = 1e-30
+
+
+class CopyHead(nn.Module):
+  """(logits [b, t, vocab], decoder output y [b, t, embed], encoded [b, s, embed],
+  source ids [b, s], mask bool [b, 1, t, s]) -> log-probabilities [b, t, vocab]."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, logits, y, encoded, inputs, mask):
+    cfg = self.config
+    f32 = jnp.promote_types(cfg.dtype, jnp.float32)  # the mixture in at least float32
+    init = nn.initializers.xavier_uniform()
+    dense = lambda name, features, axes: nn.Dense(
+        features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(init, axes))
+    q = dense("query", cfg.emb_dim, ("embed", "kv"))(y)                # [b, t, e]
+    k = dense("key", cfg.emb_dim, ("embed", "kv"))(encoded)            # [b, s, e]
+    scores = jnp.einsum("bte,bse->bts", q, k).astype(f32) * cfg.emb_dim ** -0.5
+    scores = jnp.where(mask[:, 0], scores, jnp.finfo(f32).min)
+    attn = jax.nn.softmax(scores, axis=-1)                             # [b, t, s]
+    gate = nn.sigmoid(nn.Dense(
+        1, dtype=f32, param_dtype=cfg.param_dtype, name="gate",
+        kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(y))  # [b, t, 1]
+    source = jax.nn.one_hot(inputs, cfg.vocab_size, dtype=f32)  # [b, s, vocab]
+    p_copy = jnp.einsum("bts,bsv->btv", attn, source)
+    p_vocab = jax.nn.softmax(logits.astype(f32), axis=-1)
+    return jnp.log(jnp.maximum(gate * p_vocab + (1.0 - gate) * p_copy, _TINY))
