@@ -64,8 +64,12 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for w, rows, _ in runs:
+    for w, rows, results in runs:
       pts = [(s / 60, score, loss) for _, s, _, loss, score in rows if s is not None]
+      if results:  # the final evaluation of the validation split ends the curve
+        final = results["eval"].get(results["config"]["data"]["valid_split"])
+        if final:
+          pts.append((results["train_seconds"] / 60, final.get(args.metric), final["loss"]))
       scored = [(m, v) for m, v, _ in pts if v is not None]
       if scored:
         ax_score.plot(*zip(*scored), marker="o", label=w.name)
