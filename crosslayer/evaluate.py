@@ -32,6 +32,9 @@ def eval_loss(eval_step, params, batches) -> dict:
   sums = None
   for batch in batches:
     out = eval_step(params, {k: v for k, v in batch.items() if k != "example_index"})
+    # One step at a time (cheap here): concurrent sharded programs on XLA:CPU host devices
+    # can time out in their collectives' rendezvous.
+    out = jax.block_until_ready(out)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   weight = max(float(sums["weight"]), 1.0)

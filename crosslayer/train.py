@@ -386,6 +386,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     return distributed.gather_params(state["params"])
 
   def validate(step):
+    # Nothing else in flight: on forced host devices (XLA:CPU) the collectives of a train
+    # step still running and of the eval steps can starve each other's rendezvous.
+    jax.block_until_ready(state)
     params = eval_params()
     out = evaluate.eval_loss(eval_step, params, eval_batches[d.valid_split])
     log(step, f"eval_{d.valid_split}", {k: out[k] for k in ("loss", "accuracy", "perplexity")})
