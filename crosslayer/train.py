@@ -66,8 +66,8 @@ def check_workdir(workdir: Path, config) -> None:
     if a != b:
       diff = field
       if isinstance(a, dict):
-        diff = next(f"{field}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        a, b = _get(saved, diff), _get(now, diff)
+        key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        diff, a, b = f"{field}.{key}", a.get(key, "(absent)"), b.get(key, "(absent)")
       raise ValueError(f"--workdir={workdir} holds a different run: config.{diff} is {a!r} in "
                        f"{saved_path} but {b!r} now. Use a new --workdir (nothing was changed).")
 
