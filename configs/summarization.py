@@ -57,6 +57,7 @@ def get_config(arg: str = "aeslc"):
     m.num_encoder_layers = m.num_decoder_layers = 2
     m.emb_dim, m.num_heads, m.mlp_dim = 128, 4, 512
     m.dropout_rate = 0.1
+    m.copy_head = True                # copying source words: dev R1 13.9 vs 12.5 at 1,000 steps
   elif arg in ("cnn_dailymail", "xsum"):
     d.dataset = arg
     d.src_lang, d.tgt_lang = {"cnn_dailymail": ("article", "highlights"),
