@@ -1,6 +1,7 @@
 """Benchmark suites run on a tiny config and print valid JSON; the FLOP count by hand."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,13 @@ COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "spe
 
 
 def _flax_dir():
+  """$FLAX_DIR, else the example that `bash .ci/peers` unpacks from the pinned flax sdist."""
   import os  # pylint: disable=g-import-not-at-top
-  path = os.environ.get("FLAX_DIR") or "/work/flax_checkout"
-  if not (Path(path) / "examples" / "wmt" / "models.py").is_file():
-    pytest.skip(f"no google/flax checkout with examples/wmt at {path} (set FLAX_DIR)")
+  import flax  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("FLAX_DIR") or str(ROOT / ".venv" / "flax_src" / f"flax-{flax.__version__}")
+  assert (Path(path) / "examples" / "wmt" / "models.py").is_file(), (
+      f"no Flax WMT example at {path}: run `bash .ci/peers` (or set FLAX_DIR to a google/flax "
+      "checkout)")
   return path
 
 
@@ -109,15 +113,26 @@ def test_vs_flax_wmt_bad_flax_dir_is_one_clear_error(flag):
   assert "--flax_dir" in lines[0] and "examples/wmt/models.py" in lines[0]
 
 
-def test_vs_torch_prints_json_lines_or_skips():
-  import importlib.util  # pylint: disable=g-import-not-at-top
+def test_vs_torch_prints_json_lines():
   proc = _bench("vs_torch", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  assert rows and all(r["name"] == "vs_torch" for r in rows)
-  if importlib.util.find_spec("torch") is None:
-    assert "skipped" in rows[0] and "vs_torch: skipped" in proc.stderr
-    pytest.skip("torch is not installed: checked the skip message only")
+  assert "skipped" not in rows[0], f"{rows[0]['skipped']} (run `bash .ci/peers`)"
   (r,) = rows
+  assert r["name"] == "vs_torch" and next(iter(r)) == "name"
   assert COMPARE_KEYS | {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
   assert r["what"] == "train_step" and r["config"]["size"] == "tiny"
+
+
+def test_vs_torch_without_torch_prints_one_skipped_line(tmp_path):
+  hidden = tmp_path / "torch"  # a `torch` that cannot be imported, ahead of the real one
+  hidden.mkdir()
+  (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+  cmd = [sys.executable, "-m", "crosslayer.bench", "vs_torch", *TINY]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert list(row) == ["name", "skipped"] and row["name"] == "vs_torch"
+  assert "hidden by the test" in row["skipped"] and "pip install torch" in row["skipped"]
+  assert proc.stderr.count("vs_torch: skipped:") == 1

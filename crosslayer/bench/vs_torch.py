@@ -20,7 +20,6 @@ sides alternating. `speedup = theirs_seconds / ours_seconds`.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import warnings
@@ -94,16 +93,17 @@ class _TorchStepper:
 
 def suite_vs_torch(flags_):
   """Train-step time and tokens/s: ours (jit) vs PyTorch nn.Transformer (eager)."""
-  if importlib.util.find_spec("torch") is None:
-    message = ("PyTorch is not installed (it is not a dependency of this repository); install it "
-               "into the venv to measure, e.g. `pip install torch --index-url "
-               "https://download.pytorch.org/whl/cpu`")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    message = (f"PyTorch cannot be imported ({e}); it is not a dependency of this repository: "
+               "install it into the venv to measure, e.g. `pip install torch==2.13.0` (`bash "
+               ".ci/peers` does)")
     print(f"vs_torch: skipped: {message}", file=sys.stderr)
     common.emit({"name": NAME, "skipped": message})
     return
   if flags_.dtype != "float32":
     raise SystemExit(f"error: --dtype={flags_.dtype}: vs_torch measures float32 only")
-  import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   rows, length, vocab = flags_.rows, flags_.length, flags_.vocab
   tx = compare.optimizer()
