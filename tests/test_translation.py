@@ -71,6 +71,23 @@ def test_trains_evaluates_and_writes_results(trained):
   assert saved["schedules"]["encoder"]["feed_forward"] == [0, 1]
 
 
+def test_curves_script_reads_the_run(trained, tmp_path):
+  workdir, config, results = trained
+  script = ROOT / "experiments" / "curves.py"
+  proc = subprocess.run([sys.executable, str(script), str(workdir), f"--png={tmp_path / 'c.png'}"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [l for l in lines if l["kind"] == f"eval_{config.data.valid_split}"]
+  assert evals
+  for l in evals:  # one table row a validation: step, training minutes, loss
+    assert f"| {l['step']} | {l['train_seconds'] / 60:.1f} | {l['loss']:.6f} |" in proc.stdout
+  for split, ev in results["eval"].items():
+    assert (f"| final {results['step']} ({split}) | {results['train_seconds'] / 60:.1f} | "
+            f"{ev['loss']:.6f} | {ev['bleu']:.2f} |") in proc.stdout
+  assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
   workdir, config, _ = trained
   train.train_and_evaluate(tiny_config(num_steps=4), tmp_path)   # stops at 4 (checkpointed)
