@@ -25,9 +25,11 @@ class Attention(nn.Module):
   queries, keys and values). `config.num_kv_heads < num_heads` shares each key/value
   head across a group of query heads (multi-query / grouped-query attention).
   With `config.decode`, self-attention keeps keys/values of earlier steps in the
-  `cache` collection ([b, max_len, k, d]; values are not stored twice when they
+  `cache` collection ([b, k, max_len, d], heads first: the layout the attention
+  dots read, so no step transposes the cache; values are not stored twice when they
   equal the keys) and attends to steps <= `decode_step`; cross-attention projects the
-  encoder memory once (`memory_key`/`memory_value` in the cache) and reuses it.
+  encoder memory once (`memory_key`/`memory_value` in the cache, [b, k, s, d]) and
+  reuses it.
   """
   config: TransformerConfig
   is_self_attention: bool = True
@@ -58,8 +60,10 @@ class Attention(nn.Module):
       else:
         key_proj, value_proj = proj(k, "key", "kv_heads"), proj(k, "value", "kv_heads")
         project_kv = lambda x: (key_proj(x), value_proj(x))
+    kv_layout = "bskd"  # keys/values [b, s, k, d]; "bksd" when they come from a cache
     if cfg.decode and not self.is_self_attention:
       key, value = self._cached_memory(project_kv, x_kv)
+      kv_layout = "bksd"
     else:
       key, value = project_kv(x_kv)
     if cfg.position == "rotary" and self.is_self_attention:
@@ -68,17 +72,17 @@ class Attention(nn.Module):
     shared_kv = value is key
 
     if cfg.decode and self.use_cache:
-      key, value, mask = self._cached(key, value, shared_kv, decode_step)
+      key, value, mask, kv_layout = self._cached(key, value, shared_kv, decode_step)
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, h // k, d) * jnp.asarray(d ** -0.5, q.dtype)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, key).astype(jnp.float32)
+    logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, key).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     if cfg.attention_dropout_rate > 0:
       weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, value).reshape(b, t, h, d)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", weights, value).reshape(b, t, h, d)
     return nn.DenseGeneral(
         features=cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name="out",
@@ -90,34 +94,41 @@ class Attention(nn.Module):
     """Cross-attention while decoding: the memory's keys/values are projected once.
 
     The first (cache-sizing) call projects `memory` and stores the result in the
-    cache; every decoding step reuses it instead of projecting again.
+    cache, heads first ([b, k, s, d]); every decoding step reuses it instead of
+    projecting again.
     """
     if self.has_variable("cache", "memory_key"):
       key = self.get_variable("cache", "memory_key")
       shared = not self.has_variable("cache", "memory_value")
       return key, key if shared else self.get_variable("cache", "memory_value")
     key, value = project_kv(memory)
-    self.put_variable("cache", "memory_key", key)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    self.put_variable("cache", "memory_key", heads_first(key))
     if value is not key:
-      self.put_variable("cache", "memory_value", value)
-    return key, value
+      self.put_variable("cache", "memory_value", heads_first(value))
+    return self._cached_memory(project_kv, memory)
 
   def _cached(self, key, value, shared_kv, decode_step):
-    """Writes this step's key/value into the cache; returns the whole cache and its mask."""
+    """Writes this step's key/value into the cache.
+
+    Returns the whole cache ([b, k, max_len, d]), its mask and its layout ("bksd").
+    """
     initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    b, s, k, d = key.shape
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, k, s, d), key.dtype)
     cached_value = None if shared_kv else self.variable("cache", "cached_value", jnp.zeros,
-                                                        value.shape, value.dtype)
-    if not initialized:  # the first call only sizes the cache: [b, max_len, k, d]
-      return key, value, None
-    start = (0, decode_step, 0, 0)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+                                                        (b, k, s, d), value.dtype)
+    if not initialized:  # the first call only sizes the cache: [b, k, max_len, d]
+      return key, value, None, "bskd"
+    start = (0, 0, decode_step, 0)
+    row = lambda x: x.transpose(0, 2, 1, 3)  # [b, 1, k, d] -> [b, k, 1, d]
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, row(key), start)
     key = cached_key.value
     if shared_kv:
       value = key
     else:
-      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, row(value), start)
       value = cached_value.value
-    length = key.shape[1]
+    length = key.shape[2]
     mask = (jnp.arange(length) <= decode_step)[None, None, None, :]
-    return key, value, mask
+    return key, value, mask, "bksd"
