@@ -77,7 +77,8 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
     batch = inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
     # The cross-attention memory is projected once and, being the same for every beam of
-    # an example, kept out of the cache that beam search reorders at every step.
+    # an example, kept at one row per example (the beams attend to it together) and out
+    # of the cache that beam search reorders at every step.
     cache, memory = _split_memory(initial_cache(model, params, encoded, inputs, max_len))
     cache = traverse_util.unflatten_dict(cache)
     limit = jnp.full((batch,), max_len, jnp.int32)
@@ -85,7 +86,6 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
       wanted = jnp.ceil(max_len_a * (inputs > 0).sum(-1) + max_len_b).astype(jnp.int32)
       limit = jnp.clip(wanted, min_len + 1, max_len)
     if k > 1:
-      memory = {name: decoding.expand_for_beams(v, k, axis=1) for name, v in memory.items()}
       encoded, inputs, limit = (decoding.expand_for_beams(x, k) for x in (encoded, inputs, limit))
 
     def tokens_to_logits(ids, cache, step):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from crosslayer import accounting, sharing
 from crosslayer.model.config import default_model_config, from_config
@@ -244,10 +245,22 @@ def test_parameter_count_formula_by_hand():
   assert accounting.parameter_counts(cfg)["effective"] == eff
 
 
-@pytest.mark.parametrize("name", ["sandwich"] + list(CASES)[7:])
-def test_cached_decoding_equals_teacher_forcing(name):
+DECODE_CASES = [(name, 0, 1) for name in ["sandwich"] + list(CASES)[7:]] + [
+    # (case, config.model.decode_unroll, beams sharing one memory row per example)
+    ("sandwich", 1, 1),                                               # a rolled scan
+    ("norms_only_multi_query_rotary_post_ln_untied_remat", 2, 3),     # 2 of 3 layers a step
+    ("ut_learned_per_layer_tables_gqa", 0, 2),
+    ("copy_head_cycle_untied", 1, 2),
+]
+
+
+@pytest.mark.parametrize("name,decode_unroll,beams", DECODE_CASES)
+def test_cached_decoding_equals_teacher_forcing(name, decode_unroll, beams):
+  """Step-by-step decoding with the cache gives the teacher-forced logits; with `beams`,
+  every example is decoded `beams` times (as beam search does) while the cross-attention
+  memory keeps one row per example."""
   with jax.enable_x64(True):
-    cfg = tiny(**CASES[name])
+    cfg = tiny(**CASES[name], decode_unroll=decode_unroll)
     params = nn.unbox(Transformer(cfg).init(jax.random.key(1), INPUTS, TARGETS))
     full = Transformer(cfg).apply(params, INPUTS, TARGETS)
     model = Transformer(cfg.replace(decode=True))
@@ -257,13 +270,18 @@ def test_cached_decoding_equals_teacher_forcing(name):
                            mutable=["cache"], method=Transformer.decode)
     for leaf in jax.tree.leaves(cache):  # every cache leaf is [layers, batch, ...]
       assert leaf.shape[1] == b and leaf.shape[0] in (cfg.num_decoder_layers,)
-    prev = np.pad(TARGETS, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, INPUTS, tok,
+    rows = np.repeat(np.arange(b), beams)
+    flat = traverse_util.flatten_dict(cache)
+    cache = traverse_util.unflatten_dict(  # memory_*: one row per example; the rest per beam
+        {k: v if k[-1].startswith("memory_") else v[:, rows] for k, v in flat.items()})
+    encoded, inputs, targets, full = encoded[rows], INPUTS[rows], TARGETS[rows], full[rows]
+    prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,
                                                  decode_step=i, mutable=["cache"],
                                                  method=Transformer.decode))
     for i in range(t):
       logits, cache = step(cache, prev[:, i:i + 1], i)
-      real = TARGETS[:, i] > 0
+      real = targets[:, i] > 0
       np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
 
 

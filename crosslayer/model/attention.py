@@ -29,7 +29,8 @@ class Attention(nn.Module):
   dots read, so no step transposes the cache; values are not stored twice when they
   equal the keys) and attends to steps <= `decode_step`; cross-attention projects the
   encoder memory once (`memory_key`/`memory_value` in the cache, [b, k, s, d]) and
-  reuses it.
+  reuses it; when the queries have `beams` times the memory's rows (beam search keeps
+  one memory row per example), row i of the queries attends to memory row i // beams.
   """
   config: TransformerConfig
   is_self_attention: bool = True
@@ -75,7 +76,15 @@ class Attention(nn.Module):
       key, value, mask, kv_layout = self._cached(key, value, shared_kv, decode_step)
 
     b, t = q.shape[:2]
-    q = q.reshape(b, t, k, h // k, d) * jnp.asarray(d ** -0.5, q.dtype)
+    # Beam search keeps one memory row per example ([b / beams, k, s, d]): the queries of
+    # an example's beams attend to it together, as `beams * t` query positions.
+    beams = b // key.shape[0]
+    if beams > 1:
+      q = q.reshape(b // beams, beams * t, h, d)
+      if mask is not None:  # [b, 1, t, s]: the beams of an example share their source mask
+        mask = mask[::beams]
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (beams * t,) + mask.shape[3:])
+    q = q.reshape(b // beams, beams * t, k, h // k, d) * jnp.asarray(d ** -0.5, q.dtype)
     logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, key).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)

@@ -5,7 +5,10 @@ per-layer inputs are the schedule of every component (int32 [N] each) and the
 layer number; params are broadcast to every step (`variable_broadcast='params'`)
 and every component holds its M sets stacked (see `sets.py`), so a step picks
 its sets by index. The decode cache is stacked per *layer* (`variable_axes=
-{'cache': 0}`): every cache leaf is [N, batch, ...].
+{'cache': 0}`): every cache leaf is [N, batch, ...]. While decoding, the decoder's scan
+is unrolled (`unroll`): a rolled scan slices every layer's cache out of the stacked
+leaves and stacks it back at every step, several copies of the whole cache per
+decoded token; unrolled, each layer writes its new row in place.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Stack(nn.Module):
   config: TransformerConfig
   layer_cls: type
   schedules: tuple
+  unroll: int = 1        # layers per scan iteration (> 1 only when decoding)
 
   @nn.compact
   def __call__(self, x, *args):
@@ -44,7 +48,8 @@ class Stack(nn.Module):
       layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
     layers = nn.scan(layer, variable_broadcast="params", variable_axes={"cache": 0},
                      split_rngs={"params": False, "dropout": True},
-                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers)
+                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers,
+                     unroll=min(self.unroll, num_layers))
     x, _ = layers(cfg, num_sets, name="layers")(x, xs, *args)
     if cfg.norm == "pre":
       kw = layer_norm(cfg)
