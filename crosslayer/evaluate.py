@@ -44,12 +44,19 @@ def eval_loss(eval_step, params, batches) -> dict:
 
 
 def initial_cache(model: Transformer, params, encoded, inputs, max_len: int):
-  """The decode cache for `max_len` steps: empty self-attention keys/values (every leaf
-  [layers, batch, ...]) and the cross-attention keys/values of `encoded`, projected once."""
+  """The decode cache for `max_len` steps: empty self-attention keys/values and the
+  cross-attention keys/values of `encoded`, projected once. Leaves are per layer
+  ([batch, ...], names ending `_<layer>`), or [layers, batch, ...] with
+  `config.decode_scan` (see `cache_batch_axis`)."""
   _, mutated = model.apply({"params": params}, encoded, inputs,
                            jnp.zeros((inputs.shape[0], max_len), jnp.int32), mutable=["cache"],
                            method=Transformer.decode)
   return mutated["cache"]
+
+
+def cache_batch_axis(cfg: TransformerConfig) -> int:
+  """The batch axis of the decode cache's leaves."""
+  return 1 if cfg.decode_scan else 0
 
 
 def _split_memory(cache):
@@ -100,10 +107,11 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
 
     if k == 1:
       return decoding.greedy_search(tokens_to_logits, cache, batch_size=batch, max_len=max_len,
-                                    eos_id=eos_id, min_len=min_len)
+                                    eos_id=eos_id, min_len=min_len,
+                                    cache_batch_axis=cache_batch_axis(cfg))
     seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch_size=batch, beam_size=k,
                                    max_len=max_len, eos_id=eos_id, length_penalty=length_penalty,
-                                   min_len=min_len)
+                                   min_len=min_len, cache_batch_axis=cache_batch_axis(cfg))
     return seqs[:, 0]
   return predict
 

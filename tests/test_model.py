@@ -245,22 +245,23 @@ def test_parameter_count_formula_by_hand():
   assert accounting.parameter_counts(cfg)["effective"] == eff
 
 
-DECODE_CASES = [(name, 0, 1) for name in ["sandwich"] + list(CASES)[7:]] + [
-    # (case, config.model.decode_unroll, beams sharing one memory row per example)
-    ("sandwich", 1, 1),                                               # a rolled scan
-    ("norms_only_multi_query_rotary_post_ln_untied_remat", 2, 3),     # 2 of 3 layers a step
-    ("ut_learned_per_layer_tables_gqa", 0, 2),
-    ("copy_head_cycle_untied", 1, 2),
+DECODE_CASES = [(name, False, 1) for name in ["sandwich"] + list(CASES)[7:]] + [
+    # (case, config.model.decode_scan, beams sharing one memory row per example)
+    ("sandwich", True, 1),
+    ("norms_only_multi_query_rotary_post_ln_untied_remat", True, 3),
+    ("ut_learned_per_layer_tables_gqa", False, 2),
+    ("copy_head_cycle_untied", False, 2),
 ]
 
 
-@pytest.mark.parametrize("name,decode_unroll,beams", DECODE_CASES)
-def test_cached_decoding_equals_teacher_forcing(name, decode_unroll, beams):
-  """Step-by-step decoding with the cache gives the teacher-forced logits; with `beams`,
-  every example is decoded `beams` times (as beam search does) while the cross-attention
-  memory keeps one row per example."""
+@pytest.mark.parametrize("name,decode_scan,beams", DECODE_CASES)
+def test_cached_decoding_equals_teacher_forcing(name, decode_scan, beams):
+  """Step-by-step decoding with the cache gives the teacher-forced logits, with the
+  decoder unrolled (one set of cache leaves per layer) or scanned (leaves stacked per
+  layer); with `beams`, every example is decoded `beams` times (as beam search does)
+  while the cross-attention memory keeps one row per example."""
   with jax.enable_x64(True):
-    cfg = tiny(**CASES[name], decode_unroll=decode_unroll)
+    cfg = tiny(**CASES[name], decode_scan=decode_scan)
     params = nn.unbox(Transformer(cfg).init(jax.random.key(1), INPUTS, TARGETS))
     full = Transformer(cfg).apply(params, INPUTS, TARGETS)
     model = Transformer(cfg.replace(decode=True))
@@ -268,12 +269,17 @@ def test_cached_decoding_equals_teacher_forcing(name, decode_unroll, beams):
     b, t = TARGETS.shape
     _, cache = model.apply(params, encoded, INPUTS, jnp.zeros((b, t), jnp.int32),
                            mutable=["cache"], method=Transformer.decode)
-    for leaf in jax.tree.leaves(cache):  # every cache leaf is [layers, batch, ...]
-      assert leaf.shape[1] == b and leaf.shape[0] in (cfg.num_decoder_layers,)
-    rows = np.repeat(np.arange(b), beams)
     flat = traverse_util.flatten_dict(cache)
+    suffixes = {k[-1].rsplit("_", 1)[-1] for k in flat}
+    if decode_scan:  # every leaf [layers, batch, ...]
+      assert all(v.shape[:2] == (cfg.num_decoder_layers, b) for v in flat.values())
+    else:  # every layer its own leaves [batch, ...]
+      assert suffixes == {str(i) for i in range(cfg.num_decoder_layers)}
+      assert all(v.shape[0] == b for v in flat.values())
+    rows = np.repeat(np.arange(b), beams)
+    take = lambda v: v[:, rows] if decode_scan else v[rows]
     cache = traverse_util.unflatten_dict(  # memory_*: one row per example; the rest per beam
-        {k: v if k[-1].startswith("memory_") else v[:, rows] for k, v in flat.items()})
+        {k: v if k[-1].startswith("memory_") else take(v) for k, v in flat.items()})
     encoded, inputs, targets, full = encoded[rows], INPUTS[rows], TARGETS[rows], full[rows]
     prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
     step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,

@@ -35,6 +35,7 @@ class Attention(nn.Module):
   config: TransformerConfig
   is_self_attention: bool = True
   use_cache: bool = False   # decoder self-attention: keep keys/values when config.decode
+  cache_suffix: str = ""    # ends the names of this layer's cache leaves (unrolled decoder)
 
   @nn.compact
   def __call__(self, x_q, x_kv, mask, q_positions=None, kv_positions=None, decode_step=None):
@@ -106,15 +107,16 @@ class Attention(nn.Module):
     cache, heads first ([b, k, s, d]); every decoding step reuses it instead of
     projecting again.
     """
-    if self.has_variable("cache", "memory_key"):
-      key = self.get_variable("cache", "memory_key")
-      shared = not self.has_variable("cache", "memory_value")
-      return key, key if shared else self.get_variable("cache", "memory_value")
+    key_name, value_name = "memory_key" + self.cache_suffix, "memory_value" + self.cache_suffix
+    if self.has_variable("cache", key_name):
+      key = self.get_variable("cache", key_name)
+      shared = not self.has_variable("cache", value_name)
+      return key, key if shared else self.get_variable("cache", value_name)
     key, value = project_kv(memory)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)
-    self.put_variable("cache", "memory_key", heads_first(key))
+    self.put_variable("cache", key_name, heads_first(key))
     if value is not key:
-      self.put_variable("cache", "memory_value", heads_first(value))
+      self.put_variable("cache", value_name, heads_first(value))
     return self._cached_memory(project_kv, memory)
 
   def _cached(self, key, value, shared_kv, decode_step):
@@ -122,10 +124,11 @@ class Attention(nn.Module):
 
     Returns the whole cache ([b, k, max_len, d]), its mask and its layout ("bksd").
     """
-    initialized = self.has_variable("cache", "cached_key")
+    key_name, value_name = "cached_key" + self.cache_suffix, "cached_value" + self.cache_suffix
+    initialized = self.has_variable("cache", key_name)
     b, s, k, d = key.shape
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, k, s, d), key.dtype)
-    cached_value = None if shared_kv else self.variable("cache", "cached_value", jnp.zeros,
+    cached_key = self.variable("cache", key_name, jnp.zeros, (b, k, s, d), key.dtype)
+    cached_value = None if shared_kv else self.variable("cache", value_name, jnp.zeros,
                                                         (b, k, s, d), value.dtype)
     if not initialized:  # the first call only sizes the cache: [b, k, max_len, d]
       return key, value, None, "bskd"

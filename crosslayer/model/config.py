@@ -47,7 +47,7 @@ class TransformerConfig:
   dtype: Any = jnp.float32          # compute dtype; params stay float32 (param_dtype)
   param_dtype: Any = jnp.float32
   remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
-  decode_unroll: int = 0            # decoder layers unrolled per scan step when decoding (0: all)
+  decode_scan: bool = False         # decoding: a rolled scan over decoder layers (stacked cache)
   # Resolved layer -> set schedules: ((component, schedule), ...) per stack.
   encoder_schedules: tuple = ()
   decoder_schedules: tuple = ()
@@ -73,10 +73,6 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
   check("norm", m.norm, NORMS)
   check("dtype", m.dtype, tuple(DTYPES))
   check("remat", m.remat, REMAT)
-  decode_unroll = int(m.get("decode_unroll", 0))
-  if decode_unroll < 0:
-    raise ValueError(f"config.model.decode_unroll: {decode_unroll} must be >= 0 (0: unroll all "
-                     "decoder layers when decoding, 1: a rolled scan)")
   if m.emb_dim < 1 or m.num_heads < 1 or m.mlp_dim < 1:
     raise ValueError("config.model.emb_dim, num_heads, mlp_dim must be >= 1, got "
                      f"{m.emb_dim}, {m.num_heads}, {m.mlp_dim}")
@@ -106,7 +102,8 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
       position=m.position.kind, position_inject=m.position.inject,
       position_layer_tables=m.position.layer_tables, share_embeddings=m.share_embeddings,
       tie_output=m.tie_output, copy_head=bool(m.get("copy_head", False)),
-      dtype=DTYPES[m.dtype], remat=m.remat, decode_unroll=decode_unroll,
+      dtype=DTYPES[m.dtype], remat=m.remat,
+      decode_scan=bool(m.get("decode_scan", False)),
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
 
@@ -134,10 +131,10 @@ def default_model_config():
                                  # copy source tokens (model/copy_head.py; summarization)
   m.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
   m.remat = ""                   # gradient checkpointing: "" | "full" | "dots" | ...
-  m.decode_unroll = 0            # decoder layers unrolled per scan step while decoding: 0 = all
-                                 # (each layer's cache row written in place, no per-step copies of
-                                 # the stacked cache; decode compile time grows with depth), 1 = a
-                                 # rolled scan (compile time flat in depth); training never unrolls
+  m.decode_scan = False          # decoding only: False = the decoder's layers unrolled, each with
+                                 # its own cache leaves written in place (fast; decode compile
+                                 # time grows with depth); True = one rolled scan over a stacked
+                                 # cache (compile time flat in depth, every step copies the cache)
   m.position = ml_collections.ConfigDict()
   m.position.kind = "sinusoidal"     # "sinusoidal" | "learned" | "rotary"
   m.position.inject = "input"        # "input" (once) | "every_layer" (Universal Transformer)

@@ -78,13 +78,14 @@ class DecoderLayer(_Layer):
   @nn.compact
   def __call__(self, y, xs, encoded, self_mask, cross_mask, positions, decode_step):
     cfg, sets = self.config, xs["sets"]
+    suffix = xs.get("cache_suffix", "")  # unrolled decoding: this layer's own cache leaves
     y = self.inject_position(y, sets, xs["layer"], positions)
     self_attn = self.part(Attention, "self_attention", "self_attention", sets, config=cfg,
-                          use_cache=True)
+                          use_cache=True, cache_suffix=suffix)
     y = self.sublayer(y, lambda z: self_attn(z, z, self_mask, positions, positions, decode_step),
                       "ln_self", sets)
     cross = self.part(Attention, "cross_attention", "cross_attention", sets, config=cfg,
-                      is_self_attention=False)
+                      is_self_attention=False, cache_suffix=suffix)
     y = self.sublayer(y, lambda z: cross(z, encoded, cross_mask), "ln_cross", sets)
     ffn = self.part(FeedForward, "feed_forward", "feed_forward", sets, config=cfg)
     y = self.sublayer(y, ffn, "ln_ffn", sets)

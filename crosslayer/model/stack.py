@@ -4,11 +4,14 @@ The scan runs the layer body N times (compile time does not grow with N). Its
 per-layer inputs are the schedule of every component (int32 [N] each) and the
 layer number; params are broadcast to every step (`variable_broadcast='params'`)
 and every component holds its M sets stacked (see `sets.py`), so a step picks
-its sets by index. The decode cache is stacked per *layer* (`variable_axes=
-{'cache': 0}`): every cache leaf is [N, batch, ...]. While decoding, the decoder's scan
-is unrolled (`unroll`): a rolled scan slices every layer's cache out of the stacked
-leaves and stacks it back at every step, several copies of the whole cache per
-decoded token; unrolled, each layer writes its new row in place.
+its sets by index.
+
+Decoding (`config.decode`) with `unroll_decode`: the N layers are applied by a Python
+loop instead (the same module and stacked params, the set index a constant), and
+every layer keeps its own cache leaves (`cached_key_<i>`, ... [batch, ...]), so a step
+writes one row per leaf in place. Through a scan the cache is stacked per layer
+(`variable_axes={'cache': 0}`, every leaf [N, batch, ...]) and each step slices every
+layer's cache out and stacks it back: several copies of the whole cache per token.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class Stack(nn.Module):
   config: TransformerConfig
   layer_cls: type
   schedules: tuple
-  unroll: int = 1        # layers per scan iteration (> 1 only when decoding)
+  unroll_decode: bool = False  # decoding: unrolled layers with per-layer cache leaves
 
   @nn.compact
   def __call__(self, x, *args):
@@ -44,14 +47,22 @@ class Stack(nn.Module):
     xs = {"sets": {c: jnp.asarray(s, jnp.int32) for c, s in scheds.items()},
           "layer": jnp.arange(num_layers, dtype=jnp.int32)}
     layer = self.layer_cls
+    if cfg.decode and self.unroll_decode:
+      layer = layer(cfg, num_sets, name="layers")  # the scan's params, applied N times
+      for i in range(num_layers):
+        x, _ = layer(x, {"sets": {c: s[i] for c, s in scheds.items()}, "layer": i,
+                         "cache_suffix": f"_{i}"}, *args)
+      return self._final_norm(x)
     if cfg.remat:
       layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
     layers = nn.scan(layer, variable_broadcast="params", variable_axes={"cache": 0},
                      split_rngs={"params": False, "dropout": True},
-                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers,
-                     unroll=min(self.unroll, num_layers))
+                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers)
     x, _ = layers(cfg, num_sets, name="layers")(x, xs, *args)
-    if cfg.norm == "pre":
-      kw = layer_norm(cfg)
+    return self._final_norm(x)
+
+  def _final_norm(self, x):
+    if self.config.norm == "pre":
+      kw = layer_norm(self.config)
       x = kw.pop("module_cls")(name="final_norm", **kw)(x)
     return x

@@ -42,8 +42,8 @@ class Transformer(nn.Module):
     if cfg.position == "learned" and cfg.position_inject == "input":
       self.position_table = PositionTable(cfg)  # one table, shared by encoder and decoder
     self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_schedules)
-    unroll = (cfg.decode_unroll or cfg.num_decoder_layers) if cfg.decode else 1
-    self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_schedules, unroll=unroll)
+    self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_schedules,
+                         unroll_decode=not cfg.decode_scan)
     if not cfg.tie_output:
       self.logits_dense = nn.DenseGeneral(
           cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
