@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import rotary
 
 
@@ -91,7 +92,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     if cfg.attention_dropout_rate > 0:
-      weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
+      weights = Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
     out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", weights, value).reshape(b, t, h, d)
     return nn.DenseGeneral(
         features=cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.dropout import Dropout
 
 
 class FeedForward(nn.Module):
@@ -20,7 +21,7 @@ class FeedForward(nn.Module):
                  kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
     h = nn.relu(h)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=cfg.deterministic)
+    h = Dropout(cfg.dropout_rate)(h, deterministic=cfg.deterministic)
     return nn.Dense(cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wo",
                     kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from crosslayer.model.attention import Attention
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, sinusoid
 from crosslayer.model.feed_forward import FeedForward
 from crosslayer.model.sets import component
@@ -54,7 +55,7 @@ class _Layer(nn.Module):
     cfg = self.config
     norm = self.norm(norm_name, sets)
     y = fn(norm(x) if cfg.norm == "pre" else x)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=cfg.deterministic)
+    y = Dropout(cfg.dropout_rate)(y, deterministic=cfg.deterministic)
     return x + y if cfg.norm == "pre" else norm(x + y)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.copy_head import CopyHead
+from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, TokenEmbed, sinusoid
 from crosslayer.model.layers import DecoderLayer, EncoderLayer
 from crosslayer.model.stack import Stack
@@ -51,7 +52,7 @@ class Transformer(nn.Module):
                                                    ("embed", "vocab")))
     if cfg.copy_head:
       self.copy_head = CopyHead(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def _embed(self, table, ids, positions):
     cfg = self.config

@@ -1,0 +1,73 @@
+"""The hashed dropout mask against a numpy reference, and its statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosslayer.model import dropout
+
+
+def reference_mask(key_bits, shape, rate):
+  """The documented hash in numpy, uint64 arithmetic reduced mod 2**32."""
+  m = np.uint64(2**32 - 1)
+
+  def fmix(h):
+    h = h & m
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & m
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & m
+    return h ^ (h >> np.uint64(16))
+
+  k0, k1 = (np.uint64(int(k)) for k in key_bits)
+  index = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
+  h = fmix((fmix(index ^ k0) + k1) & m)
+  return h >= np.uint64(round(rate * 2**32))
+
+
+def apply(x, rate, seed=0, deterministic=False):
+  return dropout.Dropout(rate).apply({}, x, deterministic=deterministic,
+                                     rngs={"dropout": jax.random.key(seed)})
+
+
+@pytest.mark.parametrize("shape,rate", [((7, 5, 3), 0.1), ((64, 33), 0.3), ((1000,), 0.5)])
+def test_mask_equals_numpy_reference(shape, rate):
+  key = jax.random.bits(jax.random.key(3), (2,), jnp.uint32)
+  got = np.asarray(dropout.keep_mask(key, shape, rate))
+  np.testing.assert_array_equal(got, reference_mask(np.asarray(key), shape, rate))
+
+
+def test_values_kept_scaled_or_zero():
+  x = jnp.arange(1, 4001, dtype=jnp.float32).reshape(40, 100)
+  rate = 0.25
+  y = np.asarray(apply(x, rate))
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(apply(x, rate, deterministic=True)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(apply(x, 0.0)), np.asarray(x))
+  assert not np.asarray(apply(x, 1.0)).any()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_keep_rate_and_independence(rate):
+  n = 1 << 20
+  keep = np.asarray(apply(jnp.ones((1024, 1024), jnp.float32), rate) != 0).astype(np.float64)
+  sigma = np.sqrt(rate * (1 - rate) / n)
+  assert abs(1 - keep.mean() - rate) < 5 * sigma
+  # Neighbours along both axes and the same element under another key are uncorrelated.
+  other = np.asarray(apply(jnp.ones((1024, 1024), jnp.float32), rate, seed=1) != 0)
+  for a, b in [(keep[:, 1:], keep[:, :-1]), (keep[1:], keep[:-1]), (keep, other)]:
+    corr = np.corrcoef(a.ravel(), np.asarray(b, np.float64).ravel())[0, 1]
+    assert abs(corr) < 5 / np.sqrt(a.size)
+  # Keep rate of every row and column stays within its binomial spread.
+  for means in (keep.mean(0), keep.mean(1)):
+    assert np.all(np.abs(1 - means - rate) < 6 * np.sqrt(rate * (1 - rate) / 1024))
+
+
+def test_bijective_in_the_index():
+  """For a fixed key the hash permutes 32-bit indices: over 2**16 indices no collisions."""
+  key = jnp.asarray([12345, 678910], jnp.uint32)
+  i = dropout.flat_index((1 << 16,))
+  h = np.asarray(dropout.fmix32(dropout.fmix32(i ^ key[0]) + key[1]))
+  assert len(np.unique(h)) == 1 << 16
