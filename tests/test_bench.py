@@ -45,6 +45,7 @@ def test_analytic_flops_equal_a_hand_count():
      {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params"}),
     ("decode", ["--decode_batches=1,2", "--decode_len=5"],
      {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),
+    ("dropout", [], {"name", "impl", "elements", "seconds", "ns_per_element", "matmul_seconds"}),
 ])
 def test_suite_prints_json_lines(suite, args, keys):
   cmd = [sys.executable, "-m", "crosslayer.bench", suite, "--sizes=tiny", "--vocab=50",

@@ -1,6 +1,6 @@
 """`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
 
-Suites: compile, train, memory, decode (see each function in suites.py), vs_flax_wmt
+Suites: compile, train, memory, decode, dropout (see each function in suites.py), vs_flax_wmt
 (vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
 """
 
@@ -28,7 +28,7 @@ flags.DEFINE_string("flax_dir", None, "vs_flax_wmt: root of a google/flax checko
                     "examples/wmt/models.py and decode.py).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
 
-SUITES = "compile, train, memory, decode, mesh, vs_flax_wmt, vs_torch"
+SUITES = "compile, train, memory, decode, dropout, mesh, vs_flax_wmt, vs_torch"
 
 
 def main(argv):

@@ -75,6 +75,37 @@ def suite_train(flags_):
                    "peak_flops": peak, "mfu": analytic / seconds / peak})
 
 
+def _median_seconds(fn, *args, repeats: int = 10) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def suite_dropout(flags_):
+  """Dropout on a feed-forward activation [rows * length, mlp]: the mask from
+  `flax.linen.Dropout` (threefry bits per element) against ours (`model/dropout.py`),
+  next to the matmul [rows * length, embed] x [embed, mlp] that produces the activation."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from crosslayer.model.dropout import Dropout  # pylint: disable=g-import-not-at-top
+  for size in flags_.sizes or ["small", "medium"]:
+    d, f, _, _ = common.SIZES[size]
+    tokens = flags_.rows * flags_.length
+    x, w = jnp.ones((tokens, d), jnp.float32), jnp.ones((d, f), jnp.float32)
+    h = jnp.ones((tokens, f), jnp.float32)
+    matmul = _median_seconds(jax.jit(jnp.dot), x, w)
+    for impl, module in (("flax_bernoulli", nn.Dropout(0.1)), ("hashed", Dropout(0.1))):
+      fn = jax.jit(lambda h, rng, m=module: m.apply({}, h, deterministic=False,
+                                                     rngs={"dropout": rng}))
+      seconds = _median_seconds(fn, h, jax.random.key(0))
+      common.emit({"name": "dropout", "impl": impl, "size": size, "elements": h.size,
+                   "seconds": seconds, "ns_per_element": 1e9 * seconds / h.size,
+                   "matmul_seconds": matmul, "vs_matmul": seconds / matmul})
+
+
 def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
