@@ -26,6 +26,8 @@ flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes (decode).")
 flags.DEFINE_integer("decode_len", 40, "Decode steps (decode; vs_flax_wmt: default 39).")
 flags.DEFINE_string("flax_dir", None, "vs_flax_wmt: root of a google/flax checkout (holding "
                     "examples/wmt/models.py and decode.py).")
+flags.DEFINE_bool("decode_scan", False, "decode, vs_flax_wmt decode: our decoder as a rolled scan "
+                  "(config.model.decode_scan) instead of unrolled.")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
 
 SUITES = "compile, train, memory, decode, dropout, mesh, vs_flax_wmt, vs_torch"

@@ -141,6 +141,7 @@ def suite_decode(flags_):
   size = (flags_.sizes or ["small"])[0]
   _, cfg = common.model_cfg(size, vocab=flags_.vocab, dtype=flags_.dtype,
                             max_len=max(flags_.decode_len, flags_.length))
+  cfg = cfg.replace(decode_scan=flags_.decode_scan)
   _, _, init_fn, _ = common.build_train_step(cfg, 1, flags_.length)
   params = init_fn(jax.random.key(0))["params"]
   steps = flags_.decode_len
@@ -162,7 +163,7 @@ def suite_decode(flags_):
       common.emit({"name": "decode", "search": "beam" if beam > 1 else "greedy", "beam_size": beam,
                    "batch": b, "steps": steps, "seconds": seconds,
                    "tokens_per_second": b * steps / seconds, "cache_bytes": int(cache_bytes),
-                   "size": size})
+                   "size": size, "decode_scan": cfg.decode_scan})
 
 
 def suite_mesh(flags_):

@@ -215,6 +215,7 @@ def measure_decode(models, decode, flags_):
   batches = [int(b) for b in flags_.decode_batches] if flags_["decode_batches"].present else [32]
   beam, length = flags_.beam_size, flags_.length
   ours_cfg, theirs_cfg = _both(models, size, flags_, max_len=max(64, length, steps + 1))
+  ours_cfg = ours_cfg.replace(decode_scan=flags_.decode_scan)
   _, parts = _train_parts(models, ours_cfg, theirs_cfg, 1, length)
   params = {side: init(jax.random.key(0)) for side, (_, init, _) in parts.items()}
   predict = {
@@ -234,7 +235,7 @@ def measure_decode(models, decode, flags_):
     calls = {side: (lambda side=side: predict[side](params[side], inputs)) for side in predict}
     seconds = compare.alternate_timing(calls, warmup=1, repeats=3)
     _emit("decode", _config_row(size, ours_cfg, flags_, batch=b, beam_size=beam, steps=steps,
-                                source_length=length),
+                                source_length=length, decode_scan=ours_cfg.decode_scan),
           seconds["ours"], seconds["theirs"],
           ours_tokens_per_second=b * steps / seconds["ours"],
           theirs_tokens_per_second=b * steps / seconds["theirs"])
