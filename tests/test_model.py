@@ -270,16 +270,19 @@ def test_cached_decoding_equals_teacher_forcing(name, decode_scan, beams):
     _, cache = model.apply(params, encoded, INPUTS, jnp.zeros((b, t), jnp.int32),
                            mutable=["cache"], method=Transformer.decode)
     flat = traverse_util.flatten_dict(cache)
-    suffixes = {k[-1].rsplit("_", 1)[-1] for k in flat}
-    if decode_scan:  # every leaf [layers, batch, ...]
-      assert all(v.shape[:2] == (cfg.num_decoder_layers, b) for v in flat.values())
-    else:  # every layer its own leaves [batch, ...]
+    layers = {k: v for k, v in flat.items() if k[1] == "decoder"}  # k[0]: "cache"
+    assert layers
+    assert all(k[1] == "copy_head" for k in flat.keys() - layers.keys())  # [batch, ...]
+    if decode_scan:  # every decoder leaf [layers, batch, ...]
+      assert all(v.shape[:2] == (cfg.num_decoder_layers, b) for v in layers.values())
+    else:  # every decoder layer its own leaves [batch, ...]
+      suffixes = {k[-1].rsplit("_", 1)[-1] for k in layers}
       assert suffixes == {str(i) for i in range(cfg.num_decoder_layers)}
-      assert all(v.shape[0] == b for v in flat.values())
+      assert all(v.shape[0] == b for v in layers.values())
     rows = np.repeat(np.arange(b), beams)
-    take = lambda v: v[:, rows] if decode_scan else v[rows]
+    take = lambda k, v: v[:, rows] if decode_scan and k[1] == "decoder" else v[rows]
     cache = traverse_util.unflatten_dict(  # memory_*: one row per example; the rest per beam
-        {k: v if k[-1].startswith("memory_") else take(v) for k, v in flat.items()})
+        {k: v if k[-1].startswith("memory_") else take(k, v) for k, v in flat.items()})
     encoded, inputs, targets, full = encoded[rows], INPUTS[rows], TARGETS[rows], full[rows]
     prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
     step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,

@@ -10,7 +10,9 @@ the mixture:
 
 The head returns log p, which stands in for logits everywhere downstream
 (`log_softmax(log p) = log p`): the loss, beam search and greedy search need no
-change. Logical axis names of the kernels: `embed`, `kv`.
+change. Logical axis names of the kernels: `embed`, `kv`. While decoding, the keys of
+the encoder output are projected once (`memory_copy_key` in the cache, one row per
+example; the queries of an example's beams use it together).
 """
 
 from __future__ import annotations
@@ -40,8 +42,17 @@ class CopyHead(nn.Module):
         features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(init, axes))
     q = dense("query", cfg.emb_dim, ("embed", "kv"))(y)                # [b, t, e]
-    k = dense("key", cfg.emb_dim, ("embed", "kv"))(encoded)            # [b, s, e]
-    scores = jnp.einsum("bte,bse->bts", q, k).astype(f32) * cfg.emb_dim ** -0.5
+    key = dense("key", cfg.emb_dim, ("embed", "kv"))
+    if cfg.decode:  # projected once, at one row per example (the beams share it)
+      if not self.has_variable("cache", "memory_copy_key"):
+        self.put_variable("cache", "memory_copy_key", key(encoded))
+      k = self.get_variable("cache", "memory_copy_key")               # [b / beams, s, e]
+    else:
+      k = key(encoded)                                                 # [b, s, e]
+    b, t = q.shape[:2]
+    beams = b // k.shape[0]
+    scores = jnp.einsum("bte,bse->bts", q.reshape(b // beams, beams * t, -1), k)
+    scores = scores.reshape(b, t, -1).astype(f32) * cfg.emb_dim ** -0.5
     scores = jnp.where(mask[:, 0], scores, jnp.finfo(f32).min)
     attn = jax.nn.softmax(scores, axis=-1)                             # [b, t, s]
     gate = nn.sigmoid(nn.Dense(
@@ -50,7 +61,6 @@ class CopyHead(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(y))  # [b, t, 1]
     # p_copy[b, t, inputs[b, s]] += attn[b, t, s]: a scatter-add of b*t*s weights (a
     # one-hot [b, s, vocab] matmul does the same sum ~7x slower, forward + backward, on CPU).
-    b, t, s = attn.shape
     rows, steps = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
     p_copy = jnp.zeros((b, t, cfg.vocab_size), f32).at[rows, steps, inputs[:, None, :]].add(attn)
     p_vocab = jax.nn.softmax(logits.astype(f32), axis=-1)
