@@ -62,6 +62,7 @@ def get_config(arg: str = "multi30k"):
   e.max_len = 0                       # maximum output tokens (0 = data.max_len_targets)
   e.max_len_a = 1.5                   # ... and at most a * source tokens + b (0, 0: no limit)
   e.max_len_b = 10
+  e.no_repeat_ngram_size = 0          # n > 0: never repeat an n-gram within an output (0 = off)
   e.batch_rows = 64                   # sentences per decode batch
   e.eval_batch_rows = 64              # sentences per teacher-forced eval batch
 

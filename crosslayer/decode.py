@@ -29,6 +29,8 @@ flags.DEFINE_string("input", None, "Input file: one source a line (.gz ok) or .j
 flags.DEFINE_string("output", None, "Output file: one hypothesis a line.")
 flags.DEFINE_integer("beam_size", None, "Beam size (default: the workdir's config).")
 flags.DEFINE_float("length_penalty", None, "Length penalty alpha (default: the workdir's config).")
+flags.DEFINE_integer("no_repeat_ngram_size", None, "Forbid repeating any n-gram of this size "
+                     "within an output (0: off; default: the workdir's config).")
 flags.DEFINE_integer("batch_size", None, "Sources per batch (default: config.decode.batch_rows).")
 flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
 flags.DEFINE_integer("average_last_n", 1, "Average the params of the last N checkpoints "
@@ -65,7 +67,7 @@ def read_sources(path: str) -> list[str]:
 
 def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=None,
                 length_penalty=None, batch_size=None, which: str = "latest",
-                average_last_n: int = 1) -> list[str]:
+                average_last_n: int = 1, no_repeat_ngram_size=None) -> list[str]:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from crosslayer import checkpoint, evaluate, train  # pylint: disable=g-import-not-at-top
 
@@ -86,8 +88,11 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
   restore = train.restore_state(mngr, config, cfg)
   params = [restore(s)["params"] for s in steps]
   params = params[0] if len(params) == 1 else checkpoint.average_params(params)
+  if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
+    raise ValueError(f"--no_repeat_ngram_size: {no_repeat_ngram_size} must be >= 0 (0: off)")
   predict = evaluate.predict_fn_from_config(cfg, config, beam_size=beam_size,
-                                            length_penalty=length_penalty)
+                                            length_penalty=length_penalty,
+                                            no_repeat_ngram_size=no_repeat_ngram_size)
   hyps = evaluate.decode_texts(predict, params, tok, sources,
                                batch_rows=batch_size or config.decode.batch_rows,
                                max_len_inputs=config.data.max_len_inputs)
@@ -106,7 +111,8 @@ def main(argv):
   try:
     decode_file(FLAGS.workdir, FLAGS.input, FLAGS.output, beam_size=FLAGS.beam_size,
                 length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size,
-                which=FLAGS.checkpoint, average_last_n=FLAGS.average_last_n)
+                which=FLAGS.checkpoint, average_last_n=FLAGS.average_last_n,
+                no_repeat_ngram_size=FLAGS.no_repeat_ngram_size)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 

@@ -34,6 +34,10 @@ Beam search semantics
   after greedy's EOS.)
 * ``min_len``: EOS gets log-probability ``-inf`` while fewer than ``min_len``
   tokens have been generated (i.e. at steps ``< min_len``).
+* ``no_repeat_ngram_size = n > 0``: a token gets log-probability ``-inf`` when it
+  would complete an n-gram that the hypothesis already contains (fairseq's
+  ``--no-repeat-ngram-size``); off (0) by default.  The live hypotheses' tokens are
+  then kept as rows ``[batch * beam, max_len]`` and reordered with the beams.
 * Hypotheses are stored with back-pointers (token and parent per step), so a
   step costs ``O(batch * beam)`` bookkeeping besides the model call and the
   cache reorder; full sequences are assembled once, after the loop.
@@ -95,6 +99,26 @@ def _log_probs(logits: jax.Array, step: jax.Array, eos_id: int, min_len: int) ->
     return lp
 
 
+def _ban_repeated_ngrams(lp: jax.Array, seqs: jax.Array, step: jax.Array, n: int) -> jax.Array:
+    """``lp [R, vocab]`` with ``-inf`` at every token that would complete an n-gram already in
+    its row of ``seqs [R, L]`` (tokens generated at positions ``< step``)."""
+    rows, length = seqs.shape
+    if n < 1 or length < n:
+        return lp
+    if n == 1:
+        starts = jnp.arange(length)
+        return lp.at[jnp.arange(rows)[:, None], seqs].min(
+            jnp.where(starts[None, :] < step, _NEG_INF, 0.0))
+    # The last n - 1 generated tokens, against every earlier window of n - 1 tokens.
+    last = jax.lax.dynamic_slice_in_dim(seqs, jnp.maximum(step - (n - 1), 0), n - 1, axis=1)
+    windows = jnp.stack([seqs[:, j:j + n - 1] for j in range(length - n + 1)], axis=1)
+    starts = jnp.arange(length - n + 1)
+    match = (jnp.all(windows == last[:, None, :], axis=-1)
+             & (starts[None, :] + n - 1 < step) & (step >= n - 1))
+    banned = seqs[:, n - 1:]  # the token that followed window j
+    return lp.at[jnp.arange(rows)[:, None], banned].min(jnp.where(match, _NEG_INF, 0.0))
+
+
 def _inv_penalties(max_len: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``inv_lp[n] = 1 / ((5 + n) / 6) ** alpha`` for n in [0, max_len] (float32) and
     ``bound[t] = min(inv_lp[t + 1 : max_len + 1])`` for t in [0, max_len]."""
@@ -116,11 +140,12 @@ def _gather_batch(tree, flat_idx: jax.Array, axis: int):
 @functools.partial(
     jax.jit,
     static_argnames=("tokens_to_logits", "batch_size", "beam_size", "max_len", "eos_id",
-                     "length_penalty", "min_len", "cache_batch_axis", "early_stop"),
+                     "length_penalty", "min_len", "cache_batch_axis", "early_stop",
+                     "no_repeat_ngram_size"),
 )
 def _beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, beam_size: int,
                  max_len: int, eos_id: int, length_penalty: float, min_len: int,
-                 cache_batch_axis: int, early_stop: bool):
+                 cache_batch_axis: int, early_stop: bool, no_repeat_ngram_size: int = 0):
     """Beam search; also returns the number of decoding steps run (for tests)."""
     B, K, L = batch_size, beam_size, max_len
     inv_lp_np, bound_np = _inv_penalties(L, length_penalty)
@@ -141,6 +166,8 @@ def _beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, be
         fin_last=zeros_bk,                        # its last token
         cache=expand_for_beams(cache, K, cache_batch_axis),
     )
+    if no_repeat_ngram_size:
+        state["seqs"] = jnp.zeros((B * K, L), jnp.int32)  # live hypotheses' tokens
 
     def merge_finished(s, score, end, parent, last):
         """Keeps the best K of the current finished set and K new candidates."""
@@ -163,6 +190,8 @@ def _beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, be
         t = s["t"]
         logits, new_cache = tokens_to_logits(s["last"][:, None], s["cache"], t)
         lp = _log_probs(logits, t, eos_id, min_len)
+        if no_repeat_ngram_size:
+            lp = _ban_repeated_ngrams(lp, s["seqs"], t, no_repeat_ngram_size)
         vocab = lp.shape[-1]
         cand = (s["logp"][:, :, None] + lp.reshape(B, K, vocab)).reshape(B, K * vocab)
         n_cand = min(2 * K, K * vocab)
@@ -179,6 +208,9 @@ def _beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, be
         s = dict(s, t=t + 1, last=live_tok.reshape(-1), logp=live_logp,
                  toks=jax.lax.dynamic_update_index_in_dim(s["toks"], live_tok, t, 0),
                  parents=jax.lax.dynamic_update_index_in_dim(s["parents"], live_parent, t, 0))
+        if no_repeat_ngram_size:
+            rows = (batch_offsets + live_parent).reshape(-1)
+            s["seqs"] = s["seqs"][rows].at[:, t].set(live_tok.reshape(-1))
         if K == 1:
             s["cache"] = new_cache  # the single live beam always extends beam 0
         else:
@@ -224,7 +256,8 @@ def _backtrack(toks, parents, end, parent, last):
 
 def beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int, length_penalty: float = 0.6, min_len: int = 0,
-                cache_batch_axis: int = 1) -> tuple[jax.Array, jax.Array]:
+                cache_batch_axis: int = 1,
+                no_repeat_ngram_size: int = 0) -> tuple[jax.Array, jax.Array]:
     """Beam search with a KV cache.
 
     Args:
@@ -237,6 +270,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, bea
       length_penalty: GNMT exponent ``alpha``; scores are ``logprob / ((5 + n) / 6) ** alpha``.
       min_len: EOS is forbidden at steps ``< min_len``.
       cache_batch_axis: batch axis of the cache leaves.
+      no_repeat_ngram_size: n > 0 forbids repeating any n-gram within a hypothesis.
 
     Returns:
       ``(sequences [batch, beam, max_len] int32, scores [batch, beam] float32)``, best
@@ -248,7 +282,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, bea
     seqs, scores, _ = _beam_search(
         tokens_to_logits, cache, batch_size=int(batch_size), beam_size=int(beam_size),
         max_len=int(max_len), eos_id=int(eos_id), length_penalty=float(length_penalty),
-        min_len=int(min_len), cache_batch_axis=int(cache_batch_axis), early_stop=True)
+        min_len=int(min_len), cache_batch_axis=int(cache_batch_axis), early_stop=True,
+        no_repeat_ngram_size=int(no_repeat_ngram_size))
     return seqs, scores
 
 
@@ -258,10 +293,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, bea
 @functools.partial(
     jax.jit,
     static_argnames=("tokens_to_logits", "batch_size", "max_len", "eos_id", "min_len",
-                     "cache_batch_axis"),
+                     "cache_batch_axis", "no_repeat_ngram_size"),
 )
 def _greedy_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, max_len: int,
-                   eos_id: int, min_len: int, cache_batch_axis: int):
+                   eos_id: int, min_len: int, cache_batch_axis: int,
+                   no_repeat_ngram_size: int = 0):
     del cache_batch_axis  # greedy never reorders the cache
     B, L = batch_size, max_len
     state = dict(
@@ -281,7 +317,10 @@ def _greedy_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, 
     def body(s):
         t = s["t"]
         logits, new_cache = tokens_to_logits(s["last"][:, None], s["cache"], t)
-        cand = s["logp"][:, None] + _log_probs(logits, t, eos_id, min_len)
+        lp = _log_probs(logits, t, eos_id, min_len)
+        if no_repeat_ngram_size:
+            lp = _ban_repeated_ngrams(lp, s["seqs"].T, t, no_repeat_ngram_size)
+        cand = s["logp"][:, None] + lp
         tok = jnp.argmax(cand, axis=-1).astype(jnp.int32)
         logp = jnp.take_along_axis(cand, tok[:, None], axis=1)[:, 0]
         out = jnp.where(s["done"], 0, tok)
@@ -293,14 +332,17 @@ def _greedy_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, 
 
 
 def greedy_search(tokens_to_logits: TokensToLogits, cache, *, batch_size: int, max_len: int,
-                  eos_id: int, min_len: int = 0, cache_batch_axis: int = 1) -> jax.Array:
+                  eos_id: int, min_len: int = 0, cache_batch_axis: int = 1,
+                  no_repeat_ngram_size: int = 0) -> jax.Array:
     """Greedy decoding; returns ``[batch, max_len]`` int32 (EOS included, then 0).
 
-    Stops as soon as every sequence has produced EOS.  ``tokens_to_logits`` and
-    ``cache`` are as for :func:`beam_search`, at batch size ``batch_size``.
+    Stops as soon as every sequence has produced EOS.  ``tokens_to_logits``,
+    ``cache`` and ``no_repeat_ngram_size`` are as for :func:`beam_search`, at batch
+    size ``batch_size``.
     """
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
     return _greedy_search(tokens_to_logits, cache, batch_size=int(batch_size),
                           max_len=int(max_len), eos_id=int(eos_id), min_len=int(min_len),
-                          cache_batch_axis=int(cache_batch_axis))
+                          cache_batch_axis=int(cache_batch_axis),
+                          no_repeat_ngram_size=int(no_repeat_ngram_size))

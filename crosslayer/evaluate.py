@@ -69,7 +69,7 @@ def _split_memory(cache):
 
 def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, length_penalty: float,
                     min_len: int = 0, eos_id: int = 1, max_len_a: float = 0.0,
-                    max_len_b: int = 0):
+                    max_len_b: int = 0, no_repeat_ngram_size: int = 0):
   """jit(params, inputs [b, s]) -> best hypothesis tokens [b, max_len] (0 after EOS).
 
   Outputs have at most `max_len` tokens, and at most `max_len_a * source_tokens +
@@ -108,23 +108,28 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
     if k == 1:
       return decoding.greedy_search(tokens_to_logits, cache, batch_size=batch, max_len=max_len,
                                     eos_id=eos_id, min_len=min_len,
-                                    cache_batch_axis=cache_batch_axis(cfg))
+                                    cache_batch_axis=cache_batch_axis(cfg),
+                                    no_repeat_ngram_size=no_repeat_ngram_size)
     seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch_size=batch, beam_size=k,
                                    max_len=max_len, eos_id=eos_id, length_penalty=length_penalty,
-                                   min_len=min_len, cache_batch_axis=cache_batch_axis(cfg))
+                                   min_len=min_len, cache_batch_axis=cache_batch_axis(cfg),
+                                   no_repeat_ngram_size=no_repeat_ngram_size)
     return seqs[:, 0]
   return predict
 
 
 def predict_fn_from_config(cfg: TransformerConfig, config, *, beam_size=None,
-                           length_penalty=None):
-  """make_predict_fn with `config.decode` (flags may override beam size and penalty)."""
+                           length_penalty=None, no_repeat_ngram_size=None):
+  """make_predict_fn with `config.decode` (flags may override beam size, penalty and
+  n-gram blocking)."""
   dec = config.decode
   return make_predict_fn(
       cfg, beam_size=beam_size or dec.beam_size,
       max_len=dec.max_len or config.data.max_len_targets,
       length_penalty=dec.length_penalty if length_penalty is None else length_penalty,
-      min_len=dec.min_len, max_len_a=dec.get("max_len_a", 0.0), max_len_b=dec.get("max_len_b", 0))
+      min_len=dec.min_len, max_len_a=dec.get("max_len_a", 0.0), max_len_b=dec.get("max_len_b", 0),
+      no_repeat_ngram_size=(dec.get("no_repeat_ngram_size", 0) if no_repeat_ngram_size is None
+                            else no_repeat_ngram_size))
 
 
 def decode_texts(predict, params, tokenizer, sources: list[str], *, batch_rows: int,

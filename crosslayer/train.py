@@ -281,6 +281,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   local_shards = process_shards(batch_sharding, rows, max_len, num_shards)
   partitioning.validate(mesh.shape, requested_cfg, rules,
                         vocab_field="config.data.vocab_size")
+  if config.decode.get("no_repeat_ngram_size", 0) < 0:
+    raise ValueError(f"config.decode.no_repeat_ngram_size: {config.decode.no_repeat_ngram_size} "
+                     "must be >= 0 (0: off, n: never repeat an n-gram within an output)")
   if d.valid_split not in d.eval_splits:
     raise ValueError(f"config.data.valid_split: {d.valid_split!r} must be one of "
                      f"config.data.eval_splits {tuple(d.eval_splits)}")

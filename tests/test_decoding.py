@@ -87,9 +87,11 @@ class ToyModel:
         logp = sum(self.ref_log_probs(enc_b, state0_b, seq[:i], min_len)[seq[i]] for i in range(n))
         return logp / ((5.0 + n) / 6.0) ** alpha
 
-    def brute_force(self, enc_b, state0_b, alpha, min_len):
-        """All hypotheses (padded seq tuple, score), best first."""
+    def brute_force(self, enc_b, state0_b, alpha, min_len, no_repeat_ngram_size=0):
+        """All hypotheses (padded seq tuple, score), best first; with
+        ``no_repeat_ngram_size = n``, only those in which no n-gram occurs twice."""
         hyps = []
+        ng = no_repeat_ngram_size
 
         def grow(prefix, logp):
             lp = self.ref_log_probs(enc_b, state0_b, prefix, min_len)
@@ -98,6 +100,9 @@ class ToyModel:
                 if new == -np.inf:
                     continue
                 seq = prefix + [tok]
+                if ng and len(seq) >= ng and any(seq[j:j + ng] == seq[-ng:]
+                                                 for j in range(len(seq) - ng)):
+                    continue
                 n = len(seq)
                 if tok == self.eos_id or n == self.max_len:
                     score = new / ((5.0 + n) / 6.0) ** alpha
@@ -313,3 +318,56 @@ def test_cache_batch_axis_zero():
     seqs1, scores1 = run_beam(model, enc, state0, beam)
     np.testing.assert_array_equal(seqs0, seqs1)
     np.testing.assert_array_equal(scores0, scores1)
+
+
+def repeats_an_ngram(seq, n):
+    seq = [int(t) for t in seq]
+    grams = [tuple(seq[j:j + n]) for j in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n,beam,vocab,max_len", [(1, 80, 5, 4), (2, 100, 4, 4), (3, 100, 3, 6)])
+def test_no_repeat_ngram_beam_equals_brute_force(n, beam, vocab, max_len):
+    """With a beam as wide as the search space, blocked beam search returns exactly the best
+    hypotheses among those that repeat no n-gram (float64 exhaustive search)."""
+    model = ToyModel(seed=n, vocab=vocab, max_len=max_len)
+    enc, state0 = model.init(seed=n, batch=2)
+    seqs, scores = run_beam(model, enc, state0, beam, length_penalty=0.6,
+                            no_repeat_ngram_size=n)
+    seqs, scores = np.asarray(seqs), np.asarray(scores)
+    for b in range(2):
+        hyps = model.brute_force(enc[b].astype(np.float64), state0[:, b], 0.6, 0,
+                                 no_repeat_ngram_size=n)
+        assert len(hyps) < beam  # the beam holds every allowed hypothesis
+        found = [(tuple(seqs[b, k]), scores[b, k]) for k in range(beam) if scores[b, k] > -np.inf]
+        assert len(found) == len(hyps)
+        for (seq, score), (ref_seq, ref_score) in zip(found, hyps):
+            np.testing.assert_allclose(score, ref_score, rtol=1e-4, atol=1e-4)
+        assert {s for s, _ in found} == {s for s, _ in hyps}
+        assert not any(repeats_an_ngram(s[:list(s).index(1) + 1] if 1 in s else s, n)
+                       for s, _ in found)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_repeat_ngram_greedy_and_beam1(n):
+    """Greedy with blocking never repeats an n-gram, follows the best allowed token at every
+    step (float64 reference), and beam 1 takes the same path."""
+    model = ToyModel(seed=7, vocab=4, max_len=12, eos_bias=-3.0)  # long outputs: repeats tempt
+    enc, state0 = model.init(seed=7, batch=3)
+    greedy = np.asarray(run_greedy(model, enc, state0, no_repeat_ngram_size=n))
+    beam1 = np.asarray(run_beam(model, enc, state0, 1, length_penalty=0.0,
+                                no_repeat_ngram_size=n)[0])[:, 0]
+    np.testing.assert_array_equal(greedy, beam1)
+    unblocked = np.asarray(run_greedy(model, enc, state0))
+    assert any(repeats_an_ngram(r, n) for r in unblocked)  # the test bites
+    for b, row in enumerate(greedy):
+        seq = []
+        for tok in row:
+            lp = model.ref_log_probs(enc[b].astype(np.float64), state0[:, b], seq, 0)
+            allowed = [t for t in range(model.vocab)
+                       if not repeats_an_ngram(seq + [t], n)]
+            assert int(tok) == max(allowed, key=lambda t: lp[t])
+            seq.append(int(tok))
+            if tok == model.eos_id or not allowed:
+                break
+        assert not repeats_an_ngram(seq, n)

@@ -132,6 +132,11 @@ def test_decode_cli_one_line_per_input(trained, tmp_path):
   assert lines[1] == "" and lines[:4] == hyps
   with pytest.raises(ValueError, match="--checkpoint"):
     decode_file(str(workdir), str(src), str(out), which="999")
+  # n-gram blocking through the CLI path (token-level check: the beam test below).
+  blocked = decode_file(str(workdir), str(src), str(out), no_repeat_ngram_size=2, batch_size=3)
+  assert len(blocked) == 4 and blocked[1] == ""
+  with pytest.raises(ValueError, match="--no_repeat_ngram_size"):
+    decode_file(str(workdir), str(src), str(out), no_repeat_ngram_size=-1)
 
 
 def test_beam1_equals_greedy_and_cache_equals_uncached(trained):
@@ -168,6 +173,14 @@ def test_beam1_equals_greedy_and_cache_equals_uncached(trained):
     prefix[:, t] = nxt
     done |= nxt == 1
   np.testing.assert_array_equal(prefix, greedy)
+  # The trainer's predict function with n-gram blocking: no row repeats a bigram.
+  for beam in (1, 3):
+    rows = np.asarray(evaluate.make_predict_fn(
+        cfg, beam_size=beam, max_len=max_len, length_penalty=0.6,
+        no_repeat_ngram_size=2)(params, inputs))
+    for row in rows:
+      ids = list(row[:list(row).index(1) + 1] if 1 in row else row)
+      assert len(set(zip(ids, ids[1:]))) == len(ids) - 1, row
 
 
 def test_sacrebleu_known_pair_is_exact():
@@ -193,7 +206,8 @@ def _bad_data(tmp_path, name):
 @pytest.mark.parametrize("case,match", [
     ("missing", "train.en"), ("mismatch", "mismatch|line"), ("empty", "empty|Empty"),
     ("language", "tgt_lang"), ("strategy", "config.model.sharing.strategy"),
-    ("mesh", "config.mesh.shape"), ("batch", "config.train.batch_tokens")])
+    ("mesh", "config.mesh.shape"), ("batch", "config.train.batch_tokens"),
+    ("ngram", "config.decode.no_repeat_ngram_size")])
 def test_bad_input_fails_before_writing(tmp_path, case, match):
   d = _bad_data(tmp_path, "data")
   config = tiny_config()
@@ -213,6 +227,8 @@ def test_bad_input_fails_before_writing(tmp_path, case, match):
     config.mesh.shape = (3, 1, 1)
   elif case == "batch":
     config.train.grad_accum = 3
+  elif case == "ngram":
+    config.decode.no_repeat_ngram_size = -1
   workdir = tmp_path / "wd"
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(config, workdir)
