@@ -109,12 +109,13 @@ def _ban_repeated_ngrams(lp: jax.Array, seqs: jax.Array, step: jax.Array, n: int
         starts = jnp.arange(length)
         return lp.at[jnp.arange(rows)[:, None], seqs].min(
             jnp.where(starts[None, :] < step, _NEG_INF, 0.0))
-    # The last n - 1 generated tokens, against every earlier window of n - 1 tokens.
+    # The last n - 1 generated tokens, against every earlier window of n - 1 tokens: window
+    # j matches when seqs[:, j + m] == last[:, m] for every m < n - 1.
     last = jax.lax.dynamic_slice_in_dim(seqs, jnp.maximum(step - (n - 1), 0), n - 1, axis=1)
-    windows = jnp.stack([seqs[:, j:j + n - 1] for j in range(length - n + 1)], axis=1)
-    starts = jnp.arange(length - n + 1)
-    match = (jnp.all(windows == last[:, None, :], axis=-1)
-             & (starts[None, :] + n - 1 < step) & (step >= n - 1))
+    num_windows = length - n + 1
+    match = (jnp.arange(num_windows)[None, :] + n - 1 < step) & (step >= n - 1)
+    for m in range(n - 1):
+        match &= seqs[:, m:m + num_windows] == last[:, m:m + 1]
     banned = seqs[:, n - 1:]  # the token that followed window j
     return lp.at[jnp.arange(rows)[:, None], banned].min(jnp.where(match, _NEG_INF, 0.0))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosslayer import accounting, evaluate, flops
-from crosslayer.bench import common
+from crosslayer.bench import common, compare
 from crosslayer.bench.common import STRATEGY_SETS
 from crosslayer.bench.vs_flax_wmt import suite_vs_flax_wmt  # noqa: F401  (registered suite)
 from crosslayer.bench.vs_torch import suite_vs_torch  # noqa: F401  (registered suite)
@@ -75,16 +75,6 @@ def suite_train(flags_):
                    "peak_flops": peak, "mfu": analytic / seconds / peak})
 
 
-def _median_seconds(fn, *args, repeats: int = 10) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def suite_dropout(flags_):
   """Dropout on a feed-forward activation [rows * length, mlp]: the mask from
   `flax.linen.Dropout` (threefry bits per element) against ours (`model/dropout.py`),
@@ -95,12 +85,15 @@ def suite_dropout(flags_):
     d, f, _, _ = common.SIZES[size]
     tokens = flags_.rows * flags_.length
     x, w = jnp.ones((tokens, d), jnp.float32), jnp.ones((d, f), jnp.float32)
-    h = jnp.ones((tokens, f), jnp.float32)
-    matmul = _median_seconds(jax.jit(jnp.dot), x, w)
+    h, rng, dot = jnp.ones((tokens, f), jnp.float32), jax.random.key(0), jax.jit(jnp.dot)
+    calls = {"matmul": lambda: dot(x, w)}
     for impl, module in (("flax_bernoulli", nn.Dropout(0.1)), ("hashed", Dropout(0.1))):
       fn = jax.jit(lambda h, rng, m=module: m.apply({}, h, deterministic=False,
                                                      rngs={"dropout": rng}))
-      seconds = _median_seconds(fn, h, jax.random.key(0))
+      calls[impl] = lambda fn=fn: fn(h, rng)
+    median = compare.alternate_timing(calls, warmup=1, repeats=10)
+    matmul = median.pop("matmul")
+    for impl, seconds in median.items():
       common.emit({"name": "dropout", "impl": impl, "size": size, "elements": h.size,
                    "seconds": seconds, "ns_per_element": 1e9 * seconds / h.size,
                    "matmul_seconds": matmul, "vs_matmul": seconds / matmul})

@@ -59,8 +59,8 @@ class CopyHead(nn.Module):
         1, dtype=f32, param_dtype=cfg.param_dtype, name="gate",
         kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(y))  # [b, t, 1]
-    # p_copy[b, t, inputs[b, s]] += attn[b, t, s]: a scatter-add of b*t*s weights (a
-    # one-hot [b, s, vocab] matmul does the same sum ~7x slower, forward + backward, on CPU).
+    # p_copy[b, t, inputs[b, s]] += attn[b, t, s]: a scatter-add of b*t*s weights, not a
+    # one-hot [b, s, vocab] matmul (the same sum, with b*s*vocab memory traffic).
     rows, steps = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
     p_copy = jnp.zeros((b, t, cfg.vocab_size), f32).at[rows, steps, inputs[:, None, :]].add(attn)
     p_vocab = jax.nn.softmax(logits.astype(f32), axis=-1)

@@ -1,8 +1,8 @@
 """Dropout whose mask is a counter-based hash, fused into the elementwise multiply.
 
 `flax.linen.Dropout` draws its mask with `jax.random.bernoulli`, i.e. threefry bits for
-every element; on XLA:CPU those cost 8-10 ns an element (`python -m crosslayer.bench
-dropout`), 2-3x the matmul that produced a feed-forward activation. Here each
+every element; on XLA:CPU those cost 5-10 ns an element (`python -m crosslayer.bench
+dropout`), more than the matmul that produced a feed-forward activation. Here each
 application draws one 64-bit key `(k0, k1)` with `jax.random.bits` from the module's
 `dropout` RNG stream (so keys differ between layers, steps and shards exactly as
 Flax's do), and element i (its row-major index in the global array) is kept when
@@ -67,4 +67,3 @@ class Dropout(nn.Module):
     key_bits = jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
     scale = jnp.asarray(1.0 / (1.0 - self.rate), x.dtype)
     return jnp.where(keep_mask(key_bits, x.shape, self.rate), x * scale, jnp.zeros((), x.dtype))
-
