@@ -39,7 +39,7 @@ def test_analytic_flops_equal_a_hand_count():
     ("compile", ["--layers=3,4", "--strategies=none,cycle_rev"],
      {"name", "strategy", "num_layers", "compile_seconds", "unique_params", "effective_params"}),
     ("train", ["--strategies=none"],
-     {"name", "step_seconds", "tokens_per_second", "peak_flops", "achieved_flops", "mfu",
+     {"name", "scan_layers", "step_seconds", "tokens_per_second", "peak_flops", "achieved_flops", "mfu",
       "analytic_flops", "xla_flops"}),
     ("memory", ["--strategies=none,all", "--layers=3"],
      {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params"}),
@@ -58,6 +58,9 @@ def test_suite_prints_json_lines(suite, args, keys):
   if suite == "compile":
     assert {(r["strategy"], r["num_layers"]) for r in rows} == {
         ("none", 3), ("none", 4), ("cycle_rev", 3), ("cycle_rev", 4)}
+  if suite == "train":  # the rolled scan and the unrolled layers, a row each
+    assert [r["scan_layers"] for r in rows] == [True, False]
+    assert rows[0]["analytic_flops"] == rows[1]["analytic_flops"]
   if suite == "memory":  # shared sets are stored once in params and in the optimizer state
     for r in rows:
       assert r["params_bytes"] == r["params_bytes_expected"] == 4 * r["unique_params"]
@@ -91,16 +94,18 @@ def test_vs_flax_wmt_prints_json_lines():
                 "--decode_batches=2", "--decode_len=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  assert [r["what"] for r in rows] == ["train_step", "compile", "decode"]
+  assert [r["what"] for r in rows] == ["train_step", "train_step", "compile", "decode"]
   for r in rows:
     assert next(iter(r)) == "name" and r["name"] == "vs_flax_wmt"
     assert COMPARE_KEYS <= set(r)
     assert r["speedup"] == pytest.approx(r["theirs_seconds"] / r["ours_seconds"])
     if r["what"] != "compile":
       assert {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
-  train, compile_, decode = rows
+  train, train_unrolled, compile_, decode = rows
   assert train["config"]["ours_params"] == train["config"]["theirs_params"]  # same model sizes
-  assert compile_["config"]["layers"] == 2
+  assert (train["config"]["scan_layers"], train_unrolled["config"]["scan_layers"]) == (True, False)
+  assert train["theirs_seconds"] == train_unrolled["theirs_seconds"]  # one timing of theirs
+  assert compile_["config"]["layers"] == 2 and compile_["config"]["scan_layers"] is True
   assert decode["config"]["steps"] == 5 and decode["config"]["batch"] == 2
 
 

@@ -178,10 +178,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_scan_equals_unrolled_reference(name):
+# (case, config.model.scan_layers): every case as a rolled scan; a few with the scan unrolled.
+SCAN_CASES = [(name, True) for name in CASES] + [
+    (name, False) for name in ("cycle_rev", "norms_only_multi_query_rotary_post_ln_untied_remat",
+                               "copy_head_cycle_untied")]
+
+
+@pytest.mark.parametrize("name,scan_layers", SCAN_CASES)
+def test_scan_equals_unrolled_reference(name, scan_layers):
   with jax.enable_x64(True):
-    cfg = tiny(**CASES[name])
+    cfg = tiny(**CASES[name], scan_layers=scan_layers)
     model = Transformer(cfg)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), INPUTS, TARGETS))["params"]
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
@@ -343,6 +349,29 @@ def test_dropout_masks_differ_and_bf16_runs():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   ref = Transformer(cfg.replace(deterministic=True)).apply(params, INPUTS, TARGETS)
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.15)
+
+
+def test_unrolled_scan_keeps_params_and_dropout_streams():
+  """scan_layers=False: the same param tree, and with dropout on the same outputs and
+  gradients as the rolled scan (each layer draws the same dropout keys)."""
+  cfg = tiny(**CASES["cycle_rev"]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
+                                           dropout_rate=0.3, attention_dropout_rate=0.2,
+                                           deterministic=False)
+  rolled, unrolled = Transformer(cfg), Transformer(cfg.replace(scan_layers=False))
+  params = nn.unbox(rolled.init(jax.random.key(0), INPUTS, TARGETS))["params"]
+  shapes = lambda p: jax.tree.map(lambda x: x.shape, p)
+  assert shapes(nn.unbox(unrolled.init(jax.random.key(0), INPUTS, TARGETS))["params"]) == (
+      shapes(params))
+
+  def loss(model, p):
+    out = model.apply({"params": p}, INPUTS, TARGETS, rngs={"dropout": jax.random.key(3)})
+    return loss_from_logits(out), out
+  (_, a), ga = jax.jit(jax.value_and_grad(lambda p: loss(rolled, p), has_aux=True))(params)
+  (_, b), gb = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True))(params)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ga, gb)
+  off = Transformer(cfg.replace(deterministic=True)).apply({"params": params}, INPUTS, TARGETS)
+  assert not np.allclose(a, off)  # dropout was on
 
 
 def test_logical_axis_names_on_params():

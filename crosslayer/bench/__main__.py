@@ -28,6 +28,9 @@ flags.DEFINE_string("flax_dir", None, "vs_flax_wmt: root of a google/flax checko
                     "examples/wmt/models.py and decode.py).")
 flags.DEFINE_bool("decode_scan", False, "decode, vs_flax_wmt decode: our decoder as a rolled scan "
                   "(config.model.decode_scan) instead of unrolled.")
+flags.DEFINE_list("scan_layers", None, "train, vs_flax_wmt: our layers as a rolled scan (true) "
+                  "and/or unrolled (false; config.model.scan_layers), a row each; default "
+                  "true,false (vs_flax_wmt compile: true).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
 
 SUITES = "compile, train, memory, decode, dropout, mesh, vs_flax_wmt, vs_torch"

@@ -33,7 +33,7 @@ def emit(row: dict) -> None:
 
 def model_cfg(size: str, *, vocab: int = 8000, strategy: str = "none", num_sets: int = 0,
               layers: int | None = None, dtype: str = "float32", max_len: int = 64,
-              dropout: float = 0.1):
+              dropout: float = 0.1, scan_layers: bool = True):
   d, f, h, n = SIZES[size]
   m = default_model_config()
   m.vocab_size, m.emb_dim, m.mlp_dim, m.num_heads = vocab, d, f, h
@@ -41,7 +41,19 @@ def model_cfg(size: str, *, vocab: int = 8000, strategy: str = "none", num_sets:
   m.sharing.strategy, m.sharing.num_sets = strategy, num_sets
   m.dtype, m.max_len = dtype, max_len
   m.dropout_rate = m.attention_dropout_rate = dropout
+  m.scan_layers = scan_layers
   return m, from_config(m)
+
+
+def scan_layers(flags_, default=(True, False)) -> list[bool]:
+  """--scan_layers as bools (rolled scan: True, unrolled: False), or a clear exit."""
+  if not flags_.scan_layers:
+    return list(default)
+  values = {"true": True, "false": False}
+  bad = [v for v in flags_.scan_layers if v.lower() not in values]
+  if bad:
+    raise SystemExit(f"error: --scan_layers: {', '.join(bad)} not one of true, false")
+  return [values[v.lower()] for v in flags_.scan_layers]
 
 
 def train_config(**kw):

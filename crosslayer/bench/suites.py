@@ -51,28 +51,33 @@ def _timed_steps(step, state, batch, steps):
 
 
 def suite_train(flags_):
-  """Train-step time, tokens/s and MFU against the matmul peak measured in the same run."""
+  """Train-step time, tokens/s and MFU against the matmul peak measured in the same run;
+  a row per size, strategy and --scan_layers (rolled scan / unrolled layers)."""
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[flags_.dtype]
+  scans = common.scan_layers(flags_)
   peak = common.matmul_peak(dtype)
   for size in flags_.sizes or ["small", "medium"]:
     for strategy in flags_.strategies or ["none"]:
-      _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
-                                num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype)
-      rows, length = flags_.rows, flags_.length
-      step, abstract, init_fn, sharding = common.build_train_step(cfg, rows, length)
-      batch = jax.device_put(common.synthetic_batch(rows, length, cfg.vocab_size), sharding)
-      compiled = step.lower(abstract, batch).compile()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      state = init_fn(jax.random.key(0))
-      _, seconds = _timed_steps(step, state, batch, flags_.steps)
-      analytic = flops.train_step_flops(cfg, rows, length, length)
-      tokens = 2 * rows * length
-      common.emit({"name": "train", "size": size, "strategy": strategy, "rows": rows,
-                   "length": length, "dtype": flags_.dtype, "step_seconds": seconds,
-                   "tokens_per_second": tokens / seconds, "analytic_flops": analytic,
-                   "xla_flops": float(cost.get("flops", -1.0)), "achieved_flops": analytic / seconds,
-                   "peak_flops": peak, "mfu": analytic / seconds / peak})
+      for scan in scans:
+        _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
+                                  num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype,
+                                  scan_layers=scan)
+        rows, length = flags_.rows, flags_.length
+        step, abstract, init_fn, sharding = common.build_train_step(cfg, rows, length)
+        batch = jax.device_put(common.synthetic_batch(rows, length, cfg.vocab_size), sharding)
+        compiled = step.lower(abstract, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        state = init_fn(jax.random.key(0))
+        _, seconds = _timed_steps(step, state, batch, flags_.steps)
+        analytic = flops.train_step_flops(cfg, rows, length, length)
+        tokens = 2 * rows * length
+        common.emit({"name": "train", "size": size, "strategy": strategy, "scan_layers": scan,
+                     "rows": rows, "length": length, "dtype": flags_.dtype,
+                     "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                     "analytic_flops": analytic, "xla_flops": float(cost.get("flops", -1.0)),
+                     "achieved_flops": analytic / seconds, "peak_flops": peak,
+                     "mfu": analytic / seconds / peak})
 
 
 def suite_dropout(flags_):

@@ -11,10 +11,13 @@ Measurements (`--what`, default all three), one JSON line each:
   --length target tokens, vocab --vocab; the train step of `compare.py` (our loss
   with label smoothing 0.1, `optax.adam`, `jax.jit` on one device with the state
   donated) around either model; 2 warm-up steps, then the median of --steps
-  steps, the two sides alternating. The Flax example pmaps its step; here both
-  sides are jitted on one device.
+  steps, the sides alternating. The Flax example pmaps its step; here both
+  sides are jitted on one device. Ours twice (--scan_layers, default both): a
+  rolled scan over layers (the default config) and unrolled; a row each, against
+  the same timing of theirs.
 * `compile`: trace + lower + compile of that train step at --layers layers per
-  stack (default 24) with the first size's dims (default small).
+  stack (default 24) with the first size's dims (default small); ours as a rolled
+  scan unless --scan_layers says otherwise.
 * `decode`: beam search (beam --beam_size, batch --decode_batches, default 32),
   --decode_len decode steps (default 39), jitted end to end (encoder, cache,
   search) on both sides. Theirs: their `Transformer` with `decode=True` and
@@ -132,25 +135,36 @@ def _emit(what, config, ours_s, theirs_s, **extra):
                "theirs_seconds": theirs_s, "speedup": theirs_s / ours_s, **extra})
 
 
-def _train_parts(models, ours_cfg, theirs_cfg, rows, length):
-  """{side: (jitted step, params init, abstract params)} with the shared harness."""
+def _train_parts(models, ours_cfgs: dict, theirs_cfg, rows, length):
+  """{side: (jitted step, params init, abstract params)} with the shared harness: "theirs"
+  and one side per entry of `ours_cfgs` (same keys)."""
   tx = compare.optimizer()
+  modules = {key: (Transformer(c), Transformer(c.replace(deterministic=True)))
+             for key, c in ours_cfgs.items()}
+  modules["theirs"] = (models.Transformer(theirs_cfg),
+                       models.Transformer(theirs_cfg.replace(deterministic=True)))
   parts = {}
-  for side, train_module, init_module in (
-      ("ours", Transformer(ours_cfg), Transformer(ours_cfg.replace(deterministic=True))),
-      ("theirs", models.Transformer(theirs_cfg),
-       models.Transformer(theirs_cfg.replace(deterministic=True)))):
+  for side, (train_module, init_module) in modules.items():
     init, abstract = compare.init_params(init_module, 1, length, length)
     step = compare.make_train_step(train_module, tx, label_smoothing=0.1)
     parts[side] = (step, init, abstract)
   return tx, parts
 
 
+def _scan_variants(ours_cfg, scans):
+  """Our config per --scan_layers value, keyed "ours_scan" / "ours_unrolled"."""
+  return {f"ours_{'scan' if scan else 'unrolled'}": ours_cfg.replace(scan_layers=scan)
+          for scan in scans}
+
+
 def measure_train_step(models, flags_):
+  """Every --scan_layers variant of ours and theirs, alternating step by step; a row each."""
   rows, length = flags_.rows, flags_.length
+  scans = common.scan_layers(flags_)
   for size in flags_.sizes or ["small", "medium"]:
     ours_cfg, theirs_cfg = _both(models, size, flags_, max_len=max(64, length))
-    tx, parts = _train_parts(models, ours_cfg, theirs_cfg, rows, length)
+    variants = _scan_variants(ours_cfg, scans)
+    tx, parts = _train_parts(models, variants, theirs_cfg, rows, length)
     batch = jax.device_put(common.synthetic_batch(rows, length, flags_.vocab))
     steppers, counts = {}, {}
     for side, (step, init, _) in parts.items():
@@ -159,25 +173,30 @@ def measure_train_step(models, flags_):
       steppers[side] = compare.Stepper(step, compare.new_state(params, tx), batch)
     seconds = compare.alternate_timing(steppers, warmup=2, repeats=flags_.steps)
     tokens = 2 * rows * length
-    _emit("train_step", _config_row(size, ours_cfg, flags_, rows=rows, length=length,
-                                    steps=flags_.steps, ours_params=counts["ours"],
-                                    theirs_params=counts["theirs"]),
-          seconds["ours"], seconds["theirs"],
-          ours_tokens_per_second=tokens / seconds["ours"],
-          theirs_tokens_per_second=tokens / seconds["theirs"])
+    for side, cfg in variants.items():
+      _emit("train_step", _config_row(size, cfg, flags_, rows=rows, length=length,
+                                      steps=flags_.steps, scan_layers=cfg.scan_layers,
+                                      ours_params=counts[side], theirs_params=counts["theirs"]),
+            seconds[side], seconds["theirs"],
+            ours_tokens_per_second=tokens / seconds[side],
+            theirs_tokens_per_second=tokens / seconds["theirs"])
 
 
 def measure_compile(models, flags_):
   rows, length = flags_.rows, flags_.length
   size = (flags_.sizes or ["small"])[0]
   batch = common.synthetic_batch(rows, length, flags_.vocab)
+  scans = common.scan_layers(flags_, default=(True,))
   for n in [int(x) for x in (flags_.layers or ["24"])]:
     ours_cfg, theirs_cfg = _both(models, size, flags_, layers=n, max_len=max(64, length))
-    tx, parts = _train_parts(models, ours_cfg, theirs_cfg, rows, length)
+    variants = _scan_variants(ours_cfg, scans)
+    tx, parts = _train_parts(models, variants, theirs_cfg, rows, length)
     seconds = {side: compare.compile_seconds(step, compare.abstract_state(abstract, tx), batch)
                for side, (step, _, abstract) in parts.items()}
-    _emit("compile", _config_row(size, ours_cfg, flags_, rows=rows, length=length),
-          seconds["ours"], seconds["theirs"])
+    for side, cfg in variants.items():
+      _emit("compile", _config_row(size, cfg, flags_, rows=rows, length=length,
+                                   scan_layers=cfg.scan_layers),
+            seconds[side], seconds["theirs"])
 
 
 def their_predict_fn(models, decode, cfg, *, beam_size: int, steps: int, eos_id: int):
@@ -216,7 +235,7 @@ def measure_decode(models, decode, flags_):
   beam, length = flags_.beam_size, flags_.length
   ours_cfg, theirs_cfg = _both(models, size, flags_, max_len=max(64, length, steps + 1))
   ours_cfg = ours_cfg.replace(decode_scan=flags_.decode_scan)
-  _, parts = _train_parts(models, ours_cfg, theirs_cfg, 1, length)
+  _, parts = _train_parts(models, {"ours": ours_cfg}, theirs_cfg, 1, length)
   params = {side: init(jax.random.key(0)) for side, (_, init, _) in parts.items()}
   predict = {
       # min_len = steps - 1: EOS is banned until the last step, where the length limit forces it.

@@ -47,6 +47,7 @@ class TransformerConfig:
   dtype: Any = jnp.float32          # compute dtype; params stay float32 (param_dtype)
   param_dtype: Any = jnp.float32
   remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
+  scan_layers: bool = True          # training/eval: layers as one rolled nn.scan (False: unrolled)
   decode_scan: bool = False         # decoding: a rolled scan over decoder layers (stacked cache)
   # Resolved layer -> set schedules: ((component, schedule), ...) per stack.
   encoder_schedules: tuple = ()
@@ -103,6 +104,7 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
       position_layer_tables=m.position.layer_tables, share_embeddings=m.share_embeddings,
       tie_output=m.tie_output, copy_head=bool(m.get("copy_head", False)),
       dtype=DTYPES[m.dtype], remat=m.remat,
+      scan_layers=bool(m.get("scan_layers", True)),
       decode_scan=bool(m.get("decode_scan", False)),
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
@@ -131,6 +133,11 @@ def default_model_config():
                                  # copy source tokens (model/copy_head.py; summarization)
   m.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
   m.remat = ""                   # gradient checkpointing: "" | "full" | "dots" | ...
+  m.scan_layers = True           # True = each stack's layers as one rolled nn.scan (compile time
+                                 # flat in depth); False = the same scan fully unrolled (same
+                                 # params and checkpoints; a faster step on CPU, where the rolled
+                                 # scan stacks every layer's activations for the backward pass,
+                                 # but compile time grows with depth; as MaxText's scan_layers)
   m.decode_scan = False          # decoding only: False = the decoder's layers unrolled, each with
                                  # its own cache leaves written in place (fast; decode compile
                                  # time grows with depth); True = one rolled scan over a stacked

@@ -1,6 +1,8 @@
 """A stack of N layers applying a layer -> parameter-set schedule with one `nn.scan`.
 
-The scan runs the layer body N times (compile time does not grow with N). Its
+The scan runs the layer body N times (compile time does not grow with N);
+`config.scan_layers=False` unrolls it (the same params; a faster step on CPU for
+shallow stacks, compile time growing with N). Its
 per-layer inputs are the schedule of every component (int32 [N] each) and the
 layer number; params are broadcast to every step (`variable_broadcast='params'`)
 and every component holds its M sets stacked (see `sets.py`), so a step picks
@@ -55,9 +57,12 @@ class Stack(nn.Module):
       return self._final_norm(x)
     if cfg.remat:
       layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+    # scan_layers=False unrolls the same scan (same params, same RNG streams): straight-line
+    # code without the stacked activations, compile time growing with depth.
     layers = nn.scan(layer, variable_broadcast="params", variable_axes={"cache": 0},
                      split_rngs={"params": False, "dropout": True},
-                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers)
+                     in_axes=(0,) + (nn.broadcast,) * len(args), length=num_layers,
+                     unroll=1 if cfg.scan_layers else num_layers)
     x, _ = layers(cfg, num_sets, name="layers")(x, xs, *args)
     return self._final_norm(x)
 
