@@ -9,6 +9,7 @@ from flax import traverse_util
 
 from crosslayer import decoding, losses
 from crosslayer.data import pipeline
+from crosslayer.model import sets
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.transformer import Transformer
 
@@ -83,6 +84,9 @@ def make_predict_fn(cfg: TransformerConfig, *, beam_size: int, max_len: int, len
   def predict(params, inputs):
     batch = inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+    if not cfg.decode_scan:  # unrolled decoder: each layer's weights sliced once, here
+      params = {**params, "decoder": {**params["decoder"],
+                                      "layers": sets.split_sets(params["decoder"]["layers"])}}
     # The cross-attention memory is projected once and, being the same for every beam of
     # an example, kept at one row per example (the beams attend to it together) and out
     # of the cache that beam search reorders at every step.

@@ -388,3 +388,18 @@ def test_logical_axis_names_on_params():
 def test_schedules_recorded_in_config():
   cfg = tiny(**CASES["sandwich"])
   assert dict(cfg.encoder_schedules)["feed_forward"] == sharing.schedule("sandwich", 4, 3)
+
+
+@pytest.mark.parametrize("name", ["cycle_rev", "sandwich"])
+def test_predict_unrolled_with_split_sets_equals_rolled_scan(name):
+  """make_predict_fn's unrolled decoder reads each layer's set from the sets split once
+  before the loop (`sets.split_sets`); a shared schedule must pick the same sets as the
+  rolled scan over the stacked params does."""
+  from crosslayer import evaluate  # pylint: disable=g-import-not-at-top
+  cfg = tiny(**CASES[name]).replace(dtype=jnp.float32, param_dtype=jnp.float32)
+  params = nn.unbox(Transformer(cfg).init(jax.random.key(4), INPUTS, TARGETS))["params"]
+  for beam in (1, 3):
+    out = [np.asarray(evaluate.make_predict_fn(cfg.replace(decode_scan=scan), beam_size=beam,
+                                               max_len=6, length_penalty=0.6)(params, INPUTS))
+           for scan in (False, True)]
+    np.testing.assert_array_equal(out[0], out[1])

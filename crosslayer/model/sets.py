@@ -16,9 +16,22 @@ import flax.linen as nn
 import jax
 
 
+class SplitSets(tuple):
+  """A component's M parameter sets as M separate arrays (a pytree leaf), picked by a
+  Python int. Unrolled decoding splits the stacked sets once, before its loop
+  (`split_sets`), so that no decoding step slices the layers' weights out of the stack."""
+
+
+def split_sets(tree):
+  """Every stacked leaf [M, ...] of `tree` as a SplitSets of its M sets."""
+  return jax.tree.map(lambda x: SplitSets(x[i] for i in range(x.shape[0])), tree)
+
+
 def _take(index):
   def take(tree):
     def one(x):
+      if isinstance(x, SplitSets):
+        return x[index]
       if isinstance(x, nn.meta.AxisMetadata):  # boxed (logically partitioned) params
         return x.replace_boxed(x.unbox()[index])
       return x[index]
