@@ -97,10 +97,17 @@ def load_flax_wmt(flax_dir: str | None):
 
 
 def _flax_commit(flax_dir: str) -> str | None:
+  """The commit of a git checkout rooted at flax_dir; None for anything else (an
+  unpacked sdist, or a directory inside some other repository, such as ours)."""
   try:
-    out = subprocess.run(["git", "-C", flax_dir, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10)
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    git = lambda *a: subprocess.run(["git", "-C", flax_dir, *a], capture_output=True, text=True,
+                                    timeout=10)
+    top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+    if top.returncode or head.returncode:
+      return None
+    if Path(top.stdout.strip()).resolve() != Path(flax_dir).resolve():
+      return None
+    return head.stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     return None
 
