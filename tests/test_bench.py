@@ -46,6 +46,8 @@ def test_analytic_flops_equal_a_hand_count():
     ("decode", ["--decode_batches=1,2", "--decode_len=5"],
      {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),
     ("dropout", [], {"name", "impl", "elements", "seconds", "ns_per_element", "matmul_seconds"}),
+    ("profile", ["--scan_layers=true,false"],
+     {"name", "size", "scan_layers", "part", "kind", "seconds_per_step", "share"}),
 ])
 def test_suite_prints_json_lines(suite, args, keys):
   cmd = [sys.executable, "-m", "crosslayer.bench", suite, "--sizes=tiny", "--vocab=50",
@@ -61,6 +63,14 @@ def test_suite_prints_json_lines(suite, args, keys):
   if suite == "train":  # the rolled scan and the unrolled layers, a row each
     assert [r["scan_layers"] for r in rows] == [True, False]
     assert rows[0]["analytic_flops"] == rows[1]["analytic_flops"]
+  if suite == "profile":  # op time by model part; the matmuls of the layers are found
+    for scan in (True, False):
+      parts = {(r["part"], r["kind"]): r for r in rows if r["scan_layers"] is scan}
+      total = parts.pop(("all", "all"))
+      assert total["step_seconds"] > 0 and total["seconds_per_step"] > 0
+      assert sum(r["share"] for r in parts.values()) == pytest.approx(1.0)
+      for part in ("feed_forward", "self_attention", "cross_attention", "output_logits"):
+        assert (part, "matmul") in parts, sorted(parts)
   if suite == "memory":  # shared sets are stored once in params and in the optimizer state
     for r in rows:
       assert r["params_bytes"] == r["params_bytes_expected"] == 4 * r["unique_params"]
@@ -124,10 +134,11 @@ def test_vs_torch_prints_json_lines():
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert "skipped" not in rows[0], f"{rows[0]['skipped']} (run `bash .ci/peers`)"
-  (r,) = rows
-  assert r["name"] == "vs_torch" and next(iter(r)) == "name"
-  assert COMPARE_KEYS | {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
-  assert r["what"] == "train_step" and r["config"]["size"] == "tiny"
+  assert [r["config"]["scan_layers"] for r in rows] == [True, False]  # ours rolled / unrolled
+  for r in rows:
+    assert r["name"] == "vs_torch" and next(iter(r)) == "name"
+    assert COMPARE_KEYS | {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
+    assert r["what"] == "train_step" and r["config"]["size"] == "tiny"
 
 
 def test_vs_torch_without_torch_prints_one_skipped_line(tmp_path):

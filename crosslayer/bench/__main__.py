@@ -1,7 +1,7 @@
 """`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
 
-Suites: compile, train, memory, decode, dropout (see each function in suites.py), vs_flax_wmt
-(vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
+Suites: compile, train, memory, decode, dropout (see each function in suites.py), profile
+(profile.py), vs_flax_wmt (vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ flags.DEFINE_string("flax_dir", None, "vs_flax_wmt: root of a google/flax checko
                     "examples/wmt/models.py and decode.py).")
 flags.DEFINE_bool("decode_scan", False, "decode, vs_flax_wmt decode: our decoder as a rolled scan "
                   "(config.model.decode_scan) instead of unrolled.")
-flags.DEFINE_list("scan_layers", None, "train, vs_flax_wmt: our layers as a rolled scan (true) "
-                  "and/or unrolled (false; config.model.scan_layers), a row each; default "
-                  "true,false (vs_flax_wmt compile: true).")
+flags.DEFINE_list("scan_layers", None, "train, profile, vs_flax_wmt: our layers as a rolled "
+                  "scan (true) and/or unrolled (false; config.model.scan_layers), a row each; "
+                  "default true,false (profile, vs_flax_wmt compile: true).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
 
-SUITES = "compile, train, memory, decode, dropout, mesh, vs_flax_wmt, vs_torch"
+SUITES = "compile, train, memory, decode, dropout, profile, mesh, vs_flax_wmt, vs_torch"
 
 
 def main(argv):

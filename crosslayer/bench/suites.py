@@ -11,6 +11,7 @@ import numpy as np
 from crosslayer import accounting, evaluate, flops
 from crosslayer.bench import common, compare
 from crosslayer.bench.common import STRATEGY_SETS
+from crosslayer.bench.profile import suite_profile  # noqa: F401  (registered suite)
 from crosslayer.bench.vs_flax_wmt import suite_vs_flax_wmt  # noqa: F401  (registered suite)
 from crosslayer.bench.vs_torch import suite_vs_torch  # noqa: F401  (registered suite)
 

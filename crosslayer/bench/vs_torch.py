@@ -1,7 +1,7 @@
 """`vs_torch`: our jitted train step against a PyTorch `nn.Transformer` eager train step.
 
 `python -m crosslayer.bench vs_torch [--sizes=small,medium]`: one JSON line per
-size. PyTorch is not a dependency of this repository; without it the suite prints
+size and --scan_layers variant of ours (default both: rolled scan, unrolled). PyTorch is not a dependency of this repository; without it the suite prints
 a message on stderr and one `{"name": "vs_torch", "skipped": ...}` line, and exits 0.
 
 The PyTorch model mirrors ours as far as `nn.Transformer` allows: same dims and
@@ -14,8 +14,9 @@ packed-segment masks (our step gets all-ones segmentation). Loss: cross-entropy
 with label smoothing 0.1, mean over target tokens; `torch.optim.Adam` with the
 same hyperparameters as `optax.adam` in `compare.py`. Eager mode (no
 `torch.compile`), float32, PyTorch's default intra-op threads. Timing as in
-`compare.alternate_timing`: 2 warm-up steps, then the median of --steps, the two
-sides alternating. `speedup = theirs_seconds / ours_seconds`.
+`compare.alternate_timing`: 2 warm-up steps, then the median of --steps, the
+sides alternating. Both run in this process, so both get `import crosslayer`'s
+host-memory setting (`host_memory.py`; PyTorch's CPU allocator uses glibc too). `speedup = theirs_seconds / ours_seconds`.
 """
 
 from __future__ import annotations
@@ -107,27 +108,33 @@ def suite_vs_torch(flags_):
   torch.manual_seed(0)
   rows, length, vocab = flags_.rows, flags_.length, flags_.vocab
   tx = compare.optimizer()
+  scans = common.scan_layers(flags_)
   for size in flags_.sizes or ["small", "medium"]:
     _, cfg = common.model_cfg(size, vocab=vocab, dtype="float32", max_len=max(64, length))
     init, _ = compare.init_params(Transformer(cfg.replace(deterministic=True)), 1, length, length)
     params = init(jax.random.key(0))
     batch = common.synthetic_batch(rows, length, vocab)
-    ours = compare.Stepper(compare.make_train_step(Transformer(cfg), tx, label_smoothing=0.1),
-                           compare.new_state(params, tx), jax.device_put(batch))
+    steppers = {scan: compare.Stepper(
+        compare.make_train_step(Transformer(cfg.replace(scan_layers=scan)), tx,
+                                label_smoothing=0.1),
+        compare.new_state(init(jax.random.key(0)), tx),  # own arrays: the state is donated
+        jax.device_put(batch)) for scan in scans}
     model = _torch_model(torch, size, vocab, max(64, length))
-    theirs = _TorchStepper(torch, model, batch, vocab)
-    seconds = compare.alternate_timing({"ours": ours, "theirs": theirs}, warmup=2,
-                                       repeats=flags_.steps)
+    steppers["theirs"] = _TorchStepper(torch, model, batch, vocab)
+    seconds = compare.alternate_timing(steppers, warmup=2, repeats=flags_.steps)
     tokens = 2 * rows * length
     d, f, h, n = common.SIZES[size]
-    common.emit({
-        "name": NAME, "what": "train_step",
-        "config": {"size": size, "emb_dim": d, "mlp_dim": f, "num_heads": h, "layers": n,
-                   "rows": rows, "length": length, "vocab": vocab, "dtype": "float32",
-                   "steps": flags_.steps, "ours_params": compare.param_count(params),
-                   "theirs_params": sum(p.numel() for p in model.parameters()),
-                   "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "ours_seconds": seconds["ours"], "theirs_seconds": seconds["theirs"],
-        "speedup": seconds["theirs"] / seconds["ours"],
-        "ours_tokens_per_second": tokens / seconds["ours"],
-        "theirs_tokens_per_second": tokens / seconds["theirs"]})
+    for scan in scans:
+      common.emit({
+          "name": NAME, "what": "train_step",
+          "config": {"size": size, "emb_dim": d, "mlp_dim": f, "num_heads": h, "layers": n,
+                     "rows": rows, "length": length, "vocab": vocab, "dtype": "float32",
+                     "steps": flags_.steps, "scan_layers": scan,
+                     "ours_params": compare.param_count(params),
+                     "theirs_params": sum(p.numel() for p in model.parameters()),
+                     "torch_version": torch.__version__,
+                     "torch_threads": torch.get_num_threads()},
+          "ours_seconds": seconds[scan], "theirs_seconds": seconds["theirs"],
+          "speedup": seconds["theirs"] / seconds[scan],
+          "ours_tokens_per_second": tokens / seconds[scan],
+          "theirs_tokens_per_second": tokens / seconds["theirs"]})
