@@ -5,7 +5,9 @@ Traces --steps train steps (after 2 warm-up steps), reads the trace with
 of the model its name scope names (from the compiled HLO's `op_name` metadata) and
 by kind (`matmul`: the op computes a dot; `other`). On CPU, XLA runs independent ops
 concurrently on its threads, so op time summed over a step may exceed the step's
-wall time; shares are of the summed op time.
+wall time, and an op that overlaps others (buffer initializations XLA schedules
+early, for example) is charged the time it shared the cores; shares are of the
+summed op time.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def _hlo_ops(hlo_text: str) -> dict:
         continue
       called = re.search(r"calls=%([\w.\-]+)", line)
       body = [line] + (computations.get(called.group(1), []) if called else [])
-      meta = next((mm.group(1) for l in body for mm in [re.search(r'op_name="([^"]+)"', l)]
-                   if mm), "")
-      ops[m.group(1)] = (meta, any(re.search(r"\) dot\(|= \S+ dot\(", l) for l in body))
+      dots = [l for l in body if re.search(r"= \S+ dot\(", l)]
+      # A fused matmul is named after its dot (not, say, the reduction fused into it).
+      names = [mm.group(1) for l in dots + body for mm in [re.search(r'op_name="([^"]+)"', l)]
+               if mm]
+      ops[m.group(1)] = (names[0] if names else "", bool(dots))
   return ops
 
 

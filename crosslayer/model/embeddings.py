@@ -78,9 +78,10 @@ def _tied_logits_fwd(x, table):
 
 def _tied_logits_bwd(res, g):
   x, table = res
-  d_x = jnp.einsum("blv,vd->bld", g, table)
-  x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [embed, b*l]
-  d_table = (x_t @ g.reshape(-1, g.shape[-1])).T
+  with jax.named_scope("tied_logits"):  # the backward pass has no module name scope
+    d_x = jnp.einsum("blv,vd->bld", g, table)
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [embed, b*l]
+    d_table = (x_t @ g.reshape(-1, g.shape[-1])).T
   return d_x, d_table
 
 
