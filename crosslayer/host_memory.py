@@ -30,7 +30,9 @@ def keep_heap() -> bool:
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+    # M_TRIM_THRESHOLD -1: never trim (mallopt(3)); a finite threshold (at most 2 GiB,
+    # an int) lets a step whose buffers exceed it fault them in again.
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                 (_M_TOP_PAD, 64 << 20))
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
   except (OSError, AttributeError):  # not glibc

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import crosslayer
 from crosslayer import accounting, evaluate, flops
 from crosslayer.bench import common, compare
 from crosslayer.bench.common import STRATEGY_SETS
@@ -39,16 +41,21 @@ def suite_compile(flags_):
 
 
 def _timed_steps(step, state, batch, steps):
+  """(state, median step seconds, {minor page faults, kernel seconds} per step)."""
   for _ in range(2):  # compile + warm up
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return state, float(np.median(times))
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  host = {"minor_page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
+          "system_seconds_per_step": (after.ru_stime - usage.ru_stime) / steps}
+  return state, float(np.median(times)), host
 
 
 def suite_train(flags_):
@@ -70,7 +77,7 @@ def suite_train(flags_):
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         state = init_fn(jax.random.key(0))
-        _, seconds = _timed_steps(step, state, batch, flags_.steps)
+        _, seconds, host = _timed_steps(step, state, batch, flags_.steps)
         analytic = flops.train_step_flops(cfg, rows, length, length)
         tokens = 2 * rows * length
         common.emit({"name": "train", "size": size, "strategy": strategy, "scan_layers": scan,
@@ -78,7 +85,8 @@ def suite_train(flags_):
                      "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                      "analytic_flops": analytic, "xla_flops": float(cost.get("flops", -1.0)),
                      "achieved_flops": analytic / seconds, "peak_flops": peak,
-                     "mfu": analytic / seconds / peak})
+                     "mfu": analytic / seconds / peak, **host,
+                     "keeps_heap": crosslayer.KEEPS_HEAP})
 
 
 def suite_dropout(flags_):
