@@ -64,8 +64,7 @@ def tied_logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
 
   A custom VJP only to fix how the table's gradient is computed: left to itself, XLA
   on CPU writes the [b*l, vocab] logits gradient out transposed (65 MB for 2,048
-  tokens and a vocabulary of 8,000, about 10% of the small train step) to feed the
-  matmul; here the small operand is transposed instead ([embed, b*l], kept as its
+  tokens and a vocabulary of 8,000) to feed the matmul; here the small operand is transposed instead ([embed, b*l], kept as its
   own array by an optimization barrier so that XLA does not fold the transpose back
   into the dot). Same FLOPs, same values.
   """
