@@ -9,7 +9,9 @@ with `resource.getrusage`). One arena that never returns memory to the system (t
 `mallopt` settings below; the same as the environment variables
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`) leaves no faults.
 The price: the process keeps its peak heap until it exits, as tcmalloc and jemalloc
-setups for TensorFlow/JAX do. `CROSSLAYER_KEEP_HEAP=0` leaves glibc's defaults.
+setups for TensorFlow/JAX do. `CROSSLAYER_KEEP_HEAP=0` leaves glibc's defaults. The
+kernel may still page idle heap out now and then (the development machine runs
+DAMON-based reclaim), so some steps fault anyway; most do not.
 
 `import crosslayer` applies it, before JAX starts its threads (settings made later
 do not reach the arenas that threads already have).
