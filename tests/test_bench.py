@@ -47,6 +47,8 @@ def test_analytic_flops_equal_a_hand_count():
     ("decode", ["--decode_batches=1,2", "--decode_len=5"],
      {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),
     ("dropout", [], {"name", "impl", "elements", "seconds", "ns_per_element", "matmul_seconds"}),
+    ("matmul", [], {"name", "impl", "size", "rows", "k", "n", "seconds", "flops_per_second",
+                    "peak_flops"}),
     ("profile", ["--scan_layers=true,false"],
      {"name", "size", "scan_layers", "part", "kind", "seconds_per_step", "share"}),
 ])

@@ -1,6 +1,6 @@
 """`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
 
-Suites: compile, train, memory, decode, dropout (see each function in suites.py), profile
+Suites: compile, train, memory, decode, dropout, matmul (see each function in suites.py), profile
 (profile.py), vs_flax_wmt (vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
 """
 
@@ -33,7 +33,8 @@ flags.DEFINE_list("scan_layers", None, "train, profile, vs_flax_wmt: our layers 
                   "default true,false (profile, vs_flax_wmt compile: true).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
 
-SUITES = "compile, train, memory, decode, dropout, profile, mesh, vs_flax_wmt, vs_torch"
+SUITES = ("compile, train, memory, decode, dropout, matmul, profile, mesh, vs_flax_wmt, "
+          "vs_torch")
 
 
 def main(argv):

@@ -113,6 +113,33 @@ def suite_dropout(flags_):
                    "matmul_seconds": matmul, "vs_matmul": seconds / matmul})
 
 
+def suite_matmul(flags_):
+  """A dense layer's backward pass (dx and the kernel's gradient) for the model's shapes:
+  through `lax.dot_general` (XLA's own choice of operand layouts) and through
+  `model/matmul.py`'s `dense_dot_general`, alternating, next to the matmul peak."""
+  from crosslayer.model.matmul import dense_dot_general  # pylint: disable=g-import-not-at-top
+  impls = {"lax_dot_general": jax.lax.dot_general, "dense_dot_general": dense_dot_general}
+  for size in flags_.sizes or ["small", "medium"]:
+    d, f, _, _ = common.SIZES[size]
+    tokens = flags_.rows * flags_.length
+    peak = common.matmul_peak()
+    for k, n in ((d, d), (d, f), (f, d), (d, flags_.vocab)):  # attention, FFN, output layer
+      rng = np.random.default_rng(0)
+      x, w, g = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                 for s in ((tokens, k), (k, n), (tokens, n)))
+      calls = {}
+      for impl, dot in impls.items():
+        dims = (((1,), (0,)), ((), ()))
+        bwd = jax.jit(lambda x, w, g, dot=dot: jax.vjp(lambda a, b: dot(a, b, dims), x, w)[1](g))
+        calls[impl] = lambda bwd=bwd: bwd(x, w, g)
+      median = compare.alternate_timing(calls, warmup=1, repeats=flags_.steps)
+      for impl, seconds in median.items():
+        backward = 2 * 2 * tokens * k * n  # dx and dW
+        common.emit({"name": "matmul", "impl": impl, "size": size, "rows": tokens, "k": k,
+                     "n": n, "seconds": seconds, "flops_per_second": backward / seconds,
+                     "peak_flops": peak})
+
+
 def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 

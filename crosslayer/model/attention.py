@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import rotary
+from crosslayer.model.matmul import dense_dot_general
 
 
 class Attention(nn.Module):
@@ -44,7 +45,7 @@ class Attention(nn.Module):
     cfg = self.config
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype, dot_general=dense_dot_general)
     init = nn.initializers.xavier_uniform()  # DenseGeneral inits the flattened 2-D kernel
 
     def proj(heads, name, axes):
@@ -100,7 +101,7 @@ class Attention(nn.Module):
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return nn.DenseGeneral(
         features=cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name="out",
+        param_dtype=cfg.param_dtype, name="out", dot_general=dense_dot_general,
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(),
             ("heads", "kv", "embed")))(out)

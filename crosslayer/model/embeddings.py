@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.matmul import weight_grad
 
 
 def sinusoid(positions: jnp.ndarray, dim: int, dtype=jnp.float32) -> jnp.ndarray:
@@ -64,9 +65,9 @@ def tied_logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
 
   A custom VJP only to fix how the table's gradient is computed: left to itself, XLA
   on CPU writes the [b*l, vocab] logits gradient out transposed (65 MB for 2,048
-  tokens and a vocabulary of 8,000) to feed the matmul; here the small operand is transposed instead ([embed, b*l], kept as its
-  own array by an optimization barrier so that XLA does not fold the transpose back
-  into the dot). Same FLOPs, same values.
+  tokens and a vocabulary of 8,000) to feed the matmul; here the small operand is
+  transposed instead and the matmul is a standard-form one (`matmul.weight_grad`).
+  Same FLOPs, same values up to summation order.
   """
   return jnp.einsum("bld,vd->blv", x, table)
 
@@ -79,8 +80,7 @@ def _tied_logits_bwd(res, g):
   x, table = res
   with jax.named_scope("tied_logits"):  # the backward pass has no module name scope
     d_x = jnp.einsum("blv,vd->bld", g, table)
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [embed, b*l]
-    d_table = (x_t @ g.reshape(-1, g.shape[-1])).T
+    d_table = weight_grad(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
   return d_x, d_table
 
 

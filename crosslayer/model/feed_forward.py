@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.dropout import Dropout
+from crosslayer.model.matmul import dense_dot_general
 
 
 class FeedForward(nn.Module):
@@ -18,10 +19,12 @@ class FeedForward(nn.Module):
     cfg = self.config
     init = nn.initializers.xavier_uniform()
     h = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wi",
+                 dot_general=dense_dot_general,
                  kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
     h = nn.relu(h)
     h = Dropout(cfg.dropout_rate)(h, deterministic=cfg.deterministic)
     return nn.Dense(cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wo",
+                    dot_general=dense_dot_general,
                     kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)

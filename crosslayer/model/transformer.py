@@ -14,6 +14,7 @@ from crosslayer.model.copy_head import CopyHead
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, TokenEmbed, sinusoid
 from crosslayer.model.layers import DecoderLayer, EncoderLayer
+from crosslayer.model.matmul import dense_dot_general
 from crosslayer.model.stack import Stack
 
 
@@ -48,6 +49,7 @@ class Transformer(nn.Module):
     if not cfg.tie_output:
       self.logits_dense = nn.DenseGeneral(
           cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          dot_general=dense_dot_general,
           kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                    ("embed", "vocab")))
     if cfg.copy_head:
