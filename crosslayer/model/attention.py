@@ -95,7 +95,7 @@ class Attention(nn.Module):
     if cfg.attention_dropout_rate > 0:
       weights = Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
     # [b, k, g, t, d], then heads after positions: asking the einsum for [b, t, k, g, d]
-    # directly made XLA on CPU pick a dot with a transposed operand (up to 8x slower
+    # directly made XLA on CPU pick a dot with a transposed operand (several times slower
     # for the beams' cross-attention while decoding).
     out = jnp.einsum(f"bkgts,{kv_layout}->bkgtd", weights, value)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

@@ -3,14 +3,15 @@
 `dense_dot_general` is a drop-in `dot_general` for `nn.Dense` / `nn.DenseGeneral`
 (their `dot_general=` field). It computes exactly what `lax.dot_general` computes, as
 one [rows, K] x [K, N] matmul, and only fixes how the kernel's gradient is computed:
-left to itself, XLA on CPU turns `x^T . g` ([T, K] and [T, N] contracted over the T
+in a train step, XLA on CPU turns `x^T . g` ([T, K] and [T, N] contracted over the T
 rows) into a dot with *both* operands transposed, which its CPU runtime runs as an
-Eigen matmul at about half the rate of its standard-form kernels (`python
--m crosslayer.bench matmul` times a dense layer's backward pass both ways). Here the smaller of the two operands is transposed
-once, into its own array (an optimization barrier keeps XLA from folding that
-transpose back into the dot), so the weight gradient is one standard [K, T] x [T, N]
-matmul (or its [N, T] x [T, K] twin, transposed after: a kernel-sized copy). Same
-FLOPs and, up to float summation order, the same values.
+Eigen matmul, well below the rate of its standard-form kernels (`python -m
+crosslayer.bench matmul` times a dense layer's backward pass both ways). Here the
+smaller of the two operands is transposed once, into its own array (an optimization
+barrier keeps XLA from folding that transpose back into the dot), so the weight
+gradient is one standard [K, T] x [T, N] matmul (or its [N, T] x [T, K] twin,
+transposed after: a kernel-sized copy). Same FLOPs and, up to float summation order,
+the same values.
 """
 
 from __future__ import annotations
