@@ -119,6 +119,7 @@ def suite_matmul(flags_):
   `model/matmul.py`'s `dense_dot_general`, alternating, next to the matmul peak."""
   from crosslayer.model.matmul import dense_dot_general  # pylint: disable=g-import-not-at-top
   impls = {"lax_dot_general": jax.lax.dot_general, "dense_dot_general": dense_dot_general}
+  dims = (((1,), (0,)), ((), ()))  # [rows, K] . [K, N]
   for size in flags_.sizes or ["small", "medium"]:
     d, f, _, _ = common.SIZES[size]
     tokens = flags_.rows * flags_.length
@@ -129,7 +130,6 @@ def suite_matmul(flags_):
                  for s in ((tokens, k), (k, n), (tokens, n)))
       calls = {}
       for impl, dot in impls.items():
-        dims = (((1,), (0,)), ((), ()))
         bwd = jax.jit(lambda x, w, g, dot=dot: jax.vjp(lambda a, b: dot(a, b, dims), x, w)[1](g))
         calls[impl] = lambda bwd=bwd: bwd(x, w, g)
       median = compare.alternate_timing(calls, warmup=1, repeats=flags_.steps)

@@ -33,12 +33,15 @@ def _matmul_fwd(x, w):
 
 
 def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  """x^T g for x [T, K], g [T, N] -> [K, N] as one standard-form matmul."""
+  """x^T g for x [T, K], g [T, N] -> [K, N] as one standard-form matmul.
+
+  The smaller operand is transposed; optimization barriers keep XLA from folding any
+  transpose (that one, or one a caller applies to the result) back into the dot.
+  """
+  barrier = lax.optimization_barrier
   if x.shape[1] <= g.shape[1]:
-    return lax.optimization_barrier(x.T) @ g
-  # Transpose the smaller operand g; the product [N, K] is transposed after (the barrier
-  # keeps XLA from folding that transpose into the dot's operands again).
-  return lax.optimization_barrier(lax.optimization_barrier(g.T) @ x).T
+    return barrier(barrier(x.T) @ g)
+  return barrier(barrier(g.T) @ x).T  # [N, K] -> [K, N]
 
 
 def _matmul_bwd(res, g):
