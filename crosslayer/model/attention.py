@@ -7,8 +7,6 @@ heads (h = k * g), d = head_dim. Logical axis names of the kernels: `embed`,
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import rotary
-from crosslayer.model.matmul import dense_dot_general
+from crosslayer.model.matmul import dense_dot_general, matmuls
 
 
 class Attention(nn.Module):
@@ -44,26 +42,43 @@ class Attention(nn.Module):
     """x_q [b, t, embed], x_kv [b, s, embed], mask bool [b, 1, t, s] or None -> [b, t, embed]."""
     cfg = self.config
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, dot_general=dense_dot_general)
-    init = nn.initializers.xavier_uniform()  # DenseGeneral inits the flattened 2-D kernel
+    init = nn.initializers.xavier_uniform()  # on the flattened 2-D kernel, as DenseGeneral
 
-    def proj(heads, name, axes):
-      return dense(features=(heads, d), name=name,
-                   kernel_init=nn.with_logical_partitioning(init, ("embed", axes, "kv")))
+    def kernel(heads, name, axes):
+      return ProjectionKernel((heads, d), ("embed", axes, "kv"), init, cfg.param_dtype,
+                              name=name)(x_q.shape[-1])
 
+    def project(x, kernels):
+      """x [b, t, embed] by every kernel [embed, heads, d] -> ([b, t, heads, d], ...)."""
+      x, *kernels = nn.dtypes.promote_dtype(x, *kernels, dtype=cfg.dtype)
+      flat = tuple(w.reshape(w.shape[0], -1) for w in kernels)
+      ys = matmuls(x.reshape(-1, x.shape[-1]), flat)
+      return tuple(y.reshape(x.shape[:-1] + w.shape[1:]) for y, w in zip(ys, kernels))
+
+    # The projections of one input are one `matmuls` (one transpose of the input serves
+    # all their kernels' gradients): queries, keys and values of self-attention (x_kv is
+    # x_q), keys and values of cross-attention. The params are DenseGeneral's.
     if cfg.qkv == "shared_qkv":
-      qkv = proj(h, "qkv", "heads")
-      q = qkv(x_q)
-      project_kv = lambda x: (q, q) if x is x_q else (qkv(x),) * 2
-    else:
-      q = proj(h, "query", "heads")(x_q)
-      if cfg.qkv == "shared_kv":
-        key_value = proj(k, "key_value", "kv_heads")
-        project_kv = lambda x: (key_value(x),) * 2
+      w_qkv = kernel(h, "qkv", "heads")
+      (q,) = project(x_q, (w_qkv,))
+      project_kv = lambda x: (q, q) if self.is_self_attention else project(x, (w_qkv,)) * 2
+    elif cfg.qkv == "shared_kv":
+      w_q, w_kv = kernel(h, "query", "heads"), kernel(k, "key_value", "kv_heads")
+      if self.is_self_attention:
+        q, kv = project(x_q, (w_q, w_kv))
+        project_kv = lambda x: (kv, kv)
       else:
-        key_proj, value_proj = proj(k, "key", "kv_heads"), proj(k, "value", "kv_heads")
-        project_kv = lambda x: (key_proj(x), value_proj(x))
+        (q,) = project(x_q, (w_q,))
+        project_kv = lambda x: project(x, (w_kv,)) * 2
+    else:
+      w_q = kernel(h, "query", "heads")
+      w_k, w_v = kernel(k, "key", "kv_heads"), kernel(k, "value", "kv_heads")
+      if self.is_self_attention:
+        q, key, value = project(x_q, (w_q, w_k, w_v))
+        project_kv = lambda x: (key, value)
+      else:
+        (q,) = project(x_q, (w_q,))
+        project_kv = lambda x: project(x, (w_k, w_v))
     kv_layout = "bskd"  # keys/values [b, s, k, d]; "bksd" when they come from a cache
     if cfg.decode and not self.is_self_attention:
       key, value = self._cached_memory(project_kv, x_kv)
@@ -150,3 +165,23 @@ class Attention(nn.Module):
     length = key.shape[2]
     mask = (jnp.arange(length) <= decode_step)[None, None, None, :]
     return key, value, mask, "bksd"
+
+
+class ProjectionKernel(nn.Module):
+  """The kernel of a projection to heads, [embed, heads, head_dim]: the param that
+  `nn.DenseGeneral(features=(heads, head_dim), axis=-1, use_bias=False)` creates
+  under the same name (same shape, init on the flattened [embed, heads * head_dim]
+  kernel, same logical axes), returned unapplied so that `Attention` can run the
+  projections of one input together."""
+  features: tuple                              # (heads, head_dim)
+  axes: tuple                                  # logical names of [embed, heads, head_dim]
+  kernel_init: nn.initializers.Initializer     # called with the flattened 2-D shape
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, embed: int) -> jax.Array:
+    def init(rng, shape, dtype):
+      flat = self.kernel_init(rng, (shape[0], shape[1] * shape[2]), dtype)
+      return flat.reshape(shape)
+    return self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                      (embed,) + tuple(self.features), self.param_dtype)

@@ -1,8 +1,9 @@
 """The dense layers' matmul, with a backward pass whose dots XLA:CPU runs at full rate.
 
 `dense_dot_general` is a drop-in `dot_general` for `nn.Dense` / `nn.DenseGeneral`
-(their `dot_general=` field). It computes exactly what `lax.dot_general` computes, as
-one [rows, K] x [K, N] matmul, and only fixes how the kernel's gradient is computed:
+(their `dot_general=` field); `matmuls` runs several projections of one input (the
+attention's). They compute exactly what `lax.dot_general` computes, one [rows, K] x
+[K, N] matmul per kernel, and only fix how the kernels' gradients are computed:
 in a train step, XLA on CPU turns `x^T . g` ([T, K] and [T, N] contracted over the T
 rows) into a dot with *both* operands transposed, which its CPU runtime runs as an
 Eigen matmul, well below the rate of its standard-form kernels (`python -m
@@ -16,42 +17,64 @@ the same values.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import jax
 from jax import lax
 
 
-@jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [T, K] @ w [K, N] -> [T, N]."""
-  return x @ w
+  return matmuls(x, (w,))[0]
 
 
-def _matmul_fwd(x, w):
-  return x @ w, (x, w)
+@jax.custom_vjp
+def matmuls(x: jax.Array, ws: tuple) -> tuple:
+  """x [T, K] @ w_i [K, N_i] for every kernel of `ws` -> (y_i [T, N_i], ...).
+
+  One matmul per kernel; the projections of one input (queries, keys and values of
+  self-attention, keys and values of cross-attention) go through one call so that
+  their backward pass transposes x once for all the kernels' gradients.
+  """
+  return tuple(x @ w for w in ws)
+
+
+def _matmuls_fwd(x, ws):
+  return matmuls(x, ws), (x, ws)
+
+
+def weight_grads(x: jax.Array, gs: tuple) -> tuple:
+  """x^T g_i for x [T, K] and every g_i [T, N_i] -> ([K, N_i], ...), standard-form matmuls.
+
+  The smaller side is transposed: x once (serving every g_i), or else each g_i (each
+  product then transposed back: a kernel-sized copy). Optimization barriers keep XLA
+  from folding any transpose (those, or one a caller applies to a result) back into
+  the dots.
+  """
+  barrier = lax.optimization_barrier
+  if x.shape[1] <= sum(g.shape[1] for g in gs):
+    x_t = barrier(x.T)
+    return tuple(barrier(x_t @ g) for g in gs)
+  return tuple(barrier(barrier(g.T) @ x).T for g in gs)  # [N_i, K] -> [K, N_i]
 
 
 def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  """x^T g for x [T, K], g [T, N] -> [K, N] as one standard-form matmul.
-
-  The smaller operand is transposed; optimization barriers keep XLA from folding any
-  transpose (that one, or one a caller applies to the result) back into the dot.
-  """
-  barrier = lax.optimization_barrier
-  if x.shape[1] <= g.shape[1]:
-    return barrier(barrier(x.T) @ g)
-  return barrier(barrier(g.T) @ x).T  # [N, K] -> [K, N]
+  """x^T g for x [T, K], g [T, N] -> [K, N] (`weight_grads` of one g)."""
+  return weight_grads(x, (g,))[0]
 
 
-def _matmul_bwd(res, g):
-  x, w = res
+def _matmuls_bwd(res, gs):
+  x, ws = res
   with jax.named_scope("matmul_grad"):
-    d_x = lax.dot_general(g, w, (((1,), (1,)), ((), ())))  # g [T, N] . w [K, N]^T
-    return d_x, weight_grad(x, g)
+    # g_i [T, N_i] . w_i [K, N_i]^T, summed over the kernels
+    d_x = functools.reduce(operator.add, (lax.dot_general(g, w, (((1,), (1,)), ((), ())))
+                                          for g, w in zip(gs, ws)))
+    return d_x, weight_grads(x, gs)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
