@@ -44,9 +44,9 @@ class Attention(nn.Module):
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nn.initializers.xavier_uniform()  # on the flattened 2-D kernel, as DenseGeneral
 
-    def kernel(heads, name, axes):
+    def kernel(heads, name, axes, x):  # the kernel of a projection of x [..., embed]
       return ProjectionKernel((heads, d), ("embed", axes, "kv"), init, cfg.param_dtype,
-                              name=name)(x_q.shape[-1])
+                              name=name)(x.shape[-1])
 
     def project(x, kernels):
       """x [b, t, embed] by every kernel [embed, heads, d] -> ([b, t, heads, d], ...)."""
@@ -59,11 +59,11 @@ class Attention(nn.Module):
     # all their kernels' gradients): queries, keys and values of self-attention (x_kv is
     # x_q), keys and values of cross-attention. The params are DenseGeneral's.
     if cfg.qkv == "shared_qkv":
-      w_qkv = kernel(h, "qkv", "heads")
+      w_qkv = kernel(h, "qkv", "heads", x_q)
       (q,) = project(x_q, (w_qkv,))
       project_kv = lambda x: (q, q) if self.is_self_attention else project(x, (w_qkv,)) * 2
     elif cfg.qkv == "shared_kv":
-      w_q, w_kv = kernel(h, "query", "heads"), kernel(k, "key_value", "kv_heads")
+      w_q, w_kv = kernel(h, "query", "heads", x_q), kernel(k, "key_value", "kv_heads", x_kv)
       if self.is_self_attention:
         q, kv = project(x_q, (w_q, w_kv))
         project_kv = lambda x: (kv, kv)
@@ -71,8 +71,8 @@ class Attention(nn.Module):
         (q,) = project(x_q, (w_q,))
         project_kv = lambda x: project(x, (w_kv,)) * 2
     else:
-      w_q = kernel(h, "query", "heads")
-      w_k, w_v = kernel(k, "key", "kv_heads"), kernel(k, "value", "kv_heads")
+      w_q = kernel(h, "query", "heads", x_q)
+      w_k, w_v = kernel(k, "key", "kv_heads", x_kv), kernel(k, "value", "kv_heads", x_kv)
       if self.is_self_attention:
         q, key, value = project(x_q, (w_q, w_k, w_v))
         project_kv = lambda x: (key, value)
