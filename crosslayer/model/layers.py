@@ -18,11 +18,12 @@ from crosslayer.model.config import TransformerConfig
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, sinusoid
 from crosslayer.model.feed_forward import FeedForward
+from crosslayer.model.layer_norm import LayerNorm
 from crosslayer.model.sets import component
 
 
 def layer_norm(cfg: TransformerConfig, **kw):
-  return dict(module_cls=nn.LayerNorm, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  return dict(module_cls=LayerNorm, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
               scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), **kw)
 
