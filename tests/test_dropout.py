@@ -71,3 +71,62 @@ def test_bijective_in_the_index():
   i = dropout.flat_index((1 << 16,))
   h = np.asarray(dropout.fmix32(dropout.fmix32(i ^ key[0]) + key[1]))
   assert len(np.unique(h)) == 1 << 16
+
+
+def _plain(x, key_bits, rate, relu=False):
+  """The formula, differentiated by autodiff (which keeps a bool mask per element)."""
+  x = jax.nn.relu(x) if relu else x
+  return jnp.where(dropout.keep_mask(key_bits, x.shape, rate), x * (1.0 / (1.0 - rate)), 0.0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_gradients_equal_autodiff_of_the_formula(rate, relu):
+  """dropout / relu_dropout: values and gradients equal the plain formula's, exactly
+  (float64; the input has exact zeros: no ReLU gradient at 0, as jax.nn.relu)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 7, 9))
+    x[0, 0, :4] = 0.0
+    x, g = jnp.asarray(x), jnp.asarray(rng.normal(size=x.shape))
+    key = jax.random.bits(jax.random.key(5), (2,), jnp.uint32)
+    fn = dropout.relu_dropout if relu else dropout.dropout
+    out, pullback = jax.vjp(lambda x: fn(x, key, rate), x)
+    want, want_pullback = jax.vjp(lambda x: _plain(x, key, rate, relu), x)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(pullback(g)[0], want_pullback(g)[0])
+    # what the backward pass keeps: the key (dropout), or the output itself (relu_dropout)
+    kept = [r for r in jax.tree.leaves(pullback) if r.shape == x.shape]
+    assert len(kept) == int(relu)
+    if relu:
+      np.testing.assert_array_equal(kept[0], out)
+
+
+def test_module_relu_field():
+  x = jax.random.normal(jax.random.key(0), (5, 8))
+  rngs = {"dropout": jax.random.key(4)}
+  fused = dropout.Dropout(0.3, relu=True)
+  np.testing.assert_array_equal(fused.apply({}, x, deterministic=True), jax.nn.relu(x))
+  np.testing.assert_array_equal(
+      fused.apply({}, x, deterministic=False, rngs=rngs),
+      dropout.Dropout(0.3).apply({}, jax.nn.relu(x), deterministic=False, rngs=rngs))
+
+
+def test_feed_forward_keeps_its_hidden_activation_once():
+  """The hidden activation [tokens, mlp] is one residual, shared by `wo`'s matmul and
+  the ReLU-dropout (no bool masks, no second copy in another shape)."""
+  from crosslayer.model.config import TransformerConfig
+  from crosslayer.model.feed_forward import FeedForward
+  cfg = TransformerConfig(vocab_size=11, emb_dim=8, mlp_dim=12, num_heads=2,
+                          num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1,
+                          deterministic=False)
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))  # 15 tokens
+  module = FeedForward(cfg)
+  params = module.init(jax.random.key(1), x)
+  rngs = {"dropout": jax.random.key(2)}
+  # jitted, as in a train step (residuals are the jaxpr's values, each kept once)
+  y, pullback = jax.jit(lambda x: jax.vjp(lambda x: module.apply(params, x, rngs=rngs), x))(x)
+  assert y.shape == x.shape
+  shapes = [r.shape for r in jax.tree.leaves(pullback)]
+  assert shapes.count((15, 12)) == 1, shapes
+  assert not [r for r in jax.tree.leaves(pullback) if r.dtype == jnp.bool_]

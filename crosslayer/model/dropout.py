@@ -14,13 +14,22 @@ into the `where`, so the mask costs a few integer ops an element. For a fixed ke
 is a bijection of the 32-bit index, so over any 2**32 consecutive indices exactly the
 fraction `1 - rate` (to 2**-32) is kept; kept values are scaled by 1 / (1 - rate), as
 in `flax.linen.Dropout`. Arrays of more than 2**32 elements reuse the pattern.
+
+The backward pass recomputes the mask from the key (`dropout`, a custom VJP) instead
+of keeping a bool mask per element; with `relu=True` the module applies ReLU first
+(`relu_dropout`) and the backward pass reads both masks off its output (positive
+exactly where the input was positive and kept), the array the next matmul keeps for
+its own backward pass anyway.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def fmix32(h: jax.Array) -> jax.Array:
@@ -53,17 +62,60 @@ def keep_mask(key_bits: jax.Array, shape: tuple[int, ...], rate: float) -> jax.A
   return h >= jnp.uint32(threshold(rate))
 
 
+def _scale(rate: float, dtype) -> jax.Array:
+  return jnp.asarray(1.0 / (1.0 - rate), dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dropout(x: jax.Array, key_bits: jax.Array, rate: float) -> jax.Array:
+  """x / (1 - rate) where `keep_mask(key_bits, x.shape, rate)`, else 0; 0 <= rate < 1."""
+  zero = jnp.zeros((), x.dtype)
+  return jnp.where(keep_mask(key_bits, x.shape, rate), x * _scale(rate, x.dtype), zero)
+
+
+def _dropout_fwd(x, key_bits, rate):
+  return dropout(x, key_bits, rate), key_bits
+
+
+def _dropout_bwd(rate, key_bits, g):
+  return dropout(g, key_bits, rate), np.zeros(key_bits.shape, jax.dtypes.float0)
+
+
+dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def relu_dropout(x: jax.Array, key_bits: jax.Array, rate: float) -> jax.Array:
+  """dropout(relu(x), key_bits, rate)."""
+  return dropout(jnp.maximum(x, jnp.zeros((), x.dtype)), key_bits, rate)
+
+
+def _relu_dropout_fwd(x, key_bits, rate):
+  y = relu_dropout(x, key_bits, rate)
+  return y, (y, key_bits)
+
+
+def _relu_dropout_bwd(rate, res, g):
+  y, key_bits = res  # y > 0 exactly where x > 0 and kept (as jax.nn.relu: no gradient at 0)
+  d_x = jnp.where(y > 0, g * _scale(rate, g.dtype), jnp.zeros((), g.dtype))
+  return d_x, np.zeros(key_bits.shape, jax.dtypes.float0)
+
+
+relu_dropout.defvjp(_relu_dropout_fwd, _relu_dropout_bwd)
+
+
 class Dropout(nn.Module):
-  """Drop-in for `flax.linen.Dropout(rate)(x, deterministic=...)` (same RNG stream)."""
+  """Drop-in for `flax.linen.Dropout(rate)(x, deterministic=...)` (same RNG stream);
+  `relu=True`: dropout of relu(x)."""
   rate: float
   rng_collection: str = "dropout"
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     if deterministic or self.rate == 0.0:
-      return x
+      return nn.relu(x) if self.relu else x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
     key_bits = jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
-    scale = jnp.asarray(1.0 / (1.0 - self.rate), x.dtype)
-    return jnp.where(keep_mask(key_bits, x.shape, self.rate), x * scale, jnp.zeros((), x.dtype))
+    return (relu_dropout if self.relu else dropout)(x, key_bits, self.rate)
