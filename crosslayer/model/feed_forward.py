@@ -31,7 +31,7 @@ class FeedForward(nn.Module):
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
     h = Dropout(cfg.dropout_rate, relu=True)(h, deterministic=cfg.deterministic)  # relu, dropout
     y = nn.Dense(cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wo",
-                    dot_general=dense_dot_general,
-                    kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+                 dot_general=dense_dot_general,
+                 kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
     return y.reshape(shape[:-1] + (cfg.emb_dim,))
