@@ -17,9 +17,7 @@ the same values.
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 
 import jax
 from jax import lax
@@ -69,8 +67,7 @@ def _matmuls_bwd(res, gs):
   x, ws = res
   with jax.named_scope("matmul_grad"):
     # g_i [T, N_i] . w_i [K, N_i]^T, summed over the kernels
-    d_x = functools.reduce(operator.add, (lax.dot_general(g, w, (((1,), (1,)), ((), ())))
-                                          for g, w in zip(gs, ws)))
+    d_x = sum(lax.dot_general(g, w, (((1,), (1,)), ((), ()))) for g, w in zip(gs, ws))
     return d_x, weight_grads(x, gs)
 
 
