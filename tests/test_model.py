@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from jax.ad_checkpoint import print_saved_residuals
 
 from crosslayer import accounting, sharing
 from crosslayer.model.config import default_model_config, from_config
@@ -180,7 +181,8 @@ CASES = {
 
 # (case, config.model.scan_layers): every case as a rolled scan; a few with the scan unrolled.
 SCAN_CASES = [(name, True) for name in CASES] + [
-    (name, False) for name in ("cycle_rev", "norms_only_multi_query_rotary_post_ln_untied_remat",
+    (name, False) for name in ("none", "cycle_rev",
+                               "norms_only_multi_query_rotary_post_ln_untied_remat",
                                "copy_head_cycle_untied")]
 
 
@@ -351,10 +353,11 @@ def test_dropout_masks_differ_and_bf16_runs():
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.15)
 
 
-def test_unrolled_scan_keeps_params_and_dropout_streams():
+@pytest.mark.parametrize("name", ["cycle_rev", "none"])
+def test_unrolled_scan_keeps_params_and_dropout_streams(name):
   """scan_layers=False: the same param tree, and with dropout on the same outputs and
   gradients as the rolled scan (each layer draws the same dropout keys)."""
-  cfg = tiny(**CASES["cycle_rev"]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
+  cfg = tiny(**CASES[name]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
                                            dropout_rate=0.3, attention_dropout_rate=0.2,
                                            deterministic=False)
   rolled, unrolled = Transformer(cfg), Transformer(cfg.replace(scan_layers=False))
@@ -372,6 +375,32 @@ def test_unrolled_scan_keeps_params_and_dropout_streams():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ga, gb)
   off = Transformer(cfg.replace(deterministic=True)).apply({"params": params}, INPUTS, TARGETS)
   assert not np.allclose(a, off)  # dropout was on
+
+
+def test_one_set_per_layer_keeps_the_weights_not_stacked_copies(capsys):
+  """A stack whose components all have one set per layer scans its stored weights as
+  inputs: the backward pass keeps the weights themselves (the params passed in), no
+  stacked copy of every layer's slice; boxed params give the same outputs."""
+  # mlp_dim 20: no weight shares its shape with a stacked activation ([N, 12 tokens, 8], ...)
+  cfg = tiny(mlp_dim=20).replace(dtype=jnp.float32, param_dtype=jnp.float32)
+  model = Transformer(cfg)
+  boxed = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
+  params = nn.unbox(boxed)
+  np.testing.assert_array_equal(model.apply({"params": boxed}, INPUTS, TARGETS),
+                                model.apply({"params": params}, INPUTS, TARGETS))
+  capsys.readouterr()
+  print_saved_residuals(
+      lambda p: loss_from_logits(model.apply({"params": p}, INPUTS, TARGETS)), params)
+  kept = [line.split(" ", 1) for line in capsys.readouterr().out.splitlines()]  # (f32[..], why)
+  for stack in ("encoder", "decoder"):
+    for path, w in traverse_util.flatten_dict(params[stack]["layers"]).items():
+      if w.ndim < 3:  # norms' scales and biases [N, embed]: not used by a matmul
+        continue
+      shape = f"f32[{','.join(map(str, w.shape))}]"
+      name = f"p['{stack}']['layers']" + "".join(f"['{k}']" for k in path)
+      assert any(s == shape and "argument" in why and name in why for s, why in kept), path
+      assert not any(s == shape and "argument" not in why for s, why in kept), (
+          path, [why for s, why in kept if s == shape])
 
 
 def test_logical_axis_names_on_params():

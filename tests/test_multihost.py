@@ -27,7 +27,10 @@ from tests import multihost_check
 
 ROOT = Path(__file__).resolve().parents[1]
 # Faster XLA:CPU compiles; every run is compiled the same way.
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Forced host devices share 2 cores: let a collective wait for a busy device longer than
+# XLA:CPU's default 40 s before it aborts the process.
+XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "KUBERNETES_SERVICE_HOST")
 

@@ -51,8 +51,7 @@ class Attention(nn.Module):
     def project(x, kernels):
       """x [b, t, embed] by every kernel [embed, heads, d] -> ([b, t, heads, d], ...)."""
       x, *kernels = nn.dtypes.promote_dtype(x, *kernels, dtype=cfg.dtype)
-      flat = tuple(w.reshape(w.shape[0], -1) for w in kernels)
-      ys = matmuls(x.reshape(-1, x.shape[-1]), flat)
+      ys = matmuls(x.reshape(-1, x.shape[-1]), tuple(kernels))
       return tuple(y.reshape(x.shape[:-1] + w.shape[1:]) for y, w in zip(ys, kernels))
 
     # The projections of one input are one `matmuls` (one transpose of the input serves

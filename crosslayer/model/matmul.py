@@ -24,19 +24,27 @@ from jax import lax
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [T, K] @ w [K, N] -> [T, N]."""
+  """x [T, K] @ w [K..., N...] (as a [K, N] matrix) -> [T, N]."""
   return matmuls(x, (w,))[0]
+
+
+def _matrix(w: jax.Array, k: int) -> jax.Array:
+  return w.reshape(k, -1)  # [K..., N...] -> [K, N]
 
 
 @jax.custom_vjp
 def matmuls(x: jax.Array, ws: tuple) -> tuple:
-  """x [T, K] @ w_i [K, N_i] for every kernel of `ws` -> (y_i [T, N_i], ...).
+  """x [T, K] @ w_i for every kernel of `ws` -> (y_i [T, N_i], ...).
 
+  A kernel is [K..., N_i...], its leading dims multiplying to K (a dense layer's or an
+  attention projection's kernel as stored), used as the [K, N_i] matrix. It is reshaped
+  inside this op, so that the backward pass keeps the kernels themselves: inside a scan
+  over layers whose weights are scanned inputs, autodiff then stacks no copy of them.
   One matmul per kernel; the projections of one input (queries, keys and values of
   self-attention, keys and values of cross-attention) go through one call so that
   their backward pass transposes x once for all the kernels' gradients.
   """
-  return tuple(x @ w for w in ws)
+  return tuple(x @ _matrix(w, x.shape[1]) for w in ws)
 
 
 def _matmuls_fwd(x, ws):
@@ -67,8 +75,9 @@ def _matmuls_bwd(res, gs):
   x, ws = res
   with jax.named_scope("matmul_grad"):
     # g_i [T, N_i] . w_i [K, N_i]^T, summed over the kernels
-    d_x = sum(lax.dot_general(g, w, (((1,), (1,)), ((), ()))) for g, w in zip(gs, ws))
-    return d_x, weight_grads(x, gs)
+    d_x = sum(lax.dot_general(g, _matrix(w, x.shape[1]), (((1,), (1,)), ((), ())))
+              for g, w in zip(gs, ws))
+    return d_x, tuple(d.reshape(w.shape) for d, w in zip(weight_grads(x, gs), ws))
 
 
 matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
@@ -94,5 +103,5 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                            preferred_element_type=preferred_element_type, **kwargs)
   batch_shape, out_shape = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
   k = math.prod(lhs.shape[lhs.ndim - n:])
-  y = matmul(lhs.reshape(math.prod(batch_shape), k), rhs.reshape(k, math.prod(out_shape)))
+  y = matmul(lhs.reshape(math.prod(batch_shape), k), rhs)
   return y.reshape(batch_shape + out_shape)
