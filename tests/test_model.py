@@ -358,8 +358,8 @@ def test_unrolled_scan_keeps_params_and_dropout_streams(name):
   """scan_layers=False: the same param tree, and with dropout on the same outputs and
   gradients as the rolled scan (each layer draws the same dropout keys)."""
   cfg = tiny(**CASES[name]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
-                                           dropout_rate=0.3, attention_dropout_rate=0.2,
-                                           deterministic=False)
+                                    dropout_rate=0.3, attention_dropout_rate=0.2,
+                                    deterministic=False)
   rolled, unrolled = Transformer(cfg), Transformer(cfg.replace(scan_layers=False))
   params = nn.unbox(rolled.init(jax.random.key(0), INPUTS, TARGETS))["params"]
   shapes = lambda p: jax.tree.map(lambda x: x.shape, p)
