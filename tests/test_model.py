@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from jax.ad_checkpoint import print_saved_residuals
 
 from crosslayer import accounting, sharing
 from crosslayer.model.config import default_model_config, from_config
@@ -375,32 +374,6 @@ def test_unrolled_scan_keeps_params_and_dropout_streams(name):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ga, gb)
   off = Transformer(cfg.replace(deterministic=True)).apply({"params": params}, INPUTS, TARGETS)
   assert not np.allclose(a, off)  # dropout was on
-
-
-def test_one_set_per_layer_keeps_the_weights_not_stacked_copies(capsys):
-  """A stack whose components all have one set per layer scans its stored weights as
-  inputs: the backward pass keeps the weights themselves (the params passed in), no
-  stacked copy of every layer's slice; boxed params give the same outputs."""
-  # mlp_dim 20: no weight shares its shape with a stacked activation ([N, 12 tokens, 8], ...)
-  cfg = tiny(mlp_dim=20).replace(dtype=jnp.float32, param_dtype=jnp.float32)
-  model = Transformer(cfg)
-  boxed = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
-  params = nn.unbox(boxed)
-  np.testing.assert_array_equal(model.apply({"params": boxed}, INPUTS, TARGETS),
-                                model.apply({"params": params}, INPUTS, TARGETS))
-  capsys.readouterr()
-  print_saved_residuals(
-      lambda p: loss_from_logits(model.apply({"params": p}, INPUTS, TARGETS)), params)
-  kept = [line.split(" ", 1) for line in capsys.readouterr().out.splitlines()]  # (f32[..], why)
-  for stack in ("encoder", "decoder"):
-    for path, w in traverse_util.flatten_dict(params[stack]["layers"]).items():
-      if w.ndim < 3:  # norms' scales and biases [N, embed]: not used by a matmul
-        continue
-      shape = f"f32[{','.join(map(str, w.shape))}]"
-      name = f"p['{stack}']['layers']" + "".join(f"['{k}']" for k in path)
-      assert any(s == shape and "argument" in why and name in why for s, why in kept), path
-      assert not any(s == shape and "argument" not in why for s, why in kept), (
-          path, [why for s, why in kept if s == shape])
 
 
 def test_logical_axis_names_on_params():

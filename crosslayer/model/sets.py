@@ -5,8 +5,7 @@ A shared component stores its M sets stacked on a leading `sets` axis (params
 draws); afterwards `nn.map_variables` hands the module the set chosen by a
 (traced) index. The scan over layers broadcasts the stacked params to every layer
 (`variable_broadcast='params'`), so a set used by k layers is stored once and its
-gradient is the sum of the k layers' gradients. (A stack whose components all have
-one set per layer, in order, is scanned over these stacks instead: see `stack.py`.)
+gradient is the sum of the k layers' gradients.
 """
 
 from __future__ import annotations
