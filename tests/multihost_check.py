@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 
 from configs import translation
-from crosslayer import checkpoint, distributed, train
+from crosslayer import checkpoint, cpu_threads, distributed, train
 
 
 def config(num_steps: int, coordinator: str = "", num_processes: int = 0,
@@ -53,6 +53,7 @@ def read_checkpoint(workdir: str | Path, step: int) -> dict:
 
 
 def main(argv):
+  cpu_threads.configure()  # as the entry points do, before the backend starts
   workdir, num_steps = argv[1], int(argv[2])
   if len(argv) > 3:
     c = config(num_steps, argv[3], int(argv[4]), int(argv[5]))

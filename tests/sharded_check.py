@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 
-from crosslayer import checkpoint, partitioning, train
+from crosslayer import checkpoint, cpu_threads, partitioning, train
 from crosslayer.bench import common
 from configs import translation
 
@@ -98,8 +98,9 @@ def check_shardings(state, abstract, mesh):
 
 
 def main():
+  cpu_threads.configure()  # as the entry points do, before the backend starts
   assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()}"
-  out = {"steps": {}, "sharding": {}}
+  out = {"steps": {}, "sharding": {}, "nproc": os.environ.get("NPROC")}
   single = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
   start = time.perf_counter()
   _, ref_init, ref_states, ref_m = all_steps(single)

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from crosslayer import partitioning
+from crosslayer import cpu_threads, partitioning
 from crosslayer.bench import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,8 @@ def sharded():
 
 
 def test_sharded_step_equals_single_device(sharded):
+  # The check ran with the entry points' thread headroom (crosslayer/cpu_threads.py).
+  assert sharded["nproc"] == str(max(os.cpu_count(), 8 * cpu_threads.THREADS_PER_DEVICE))
   steps = sharded["steps"]
   assert set(steps) == {f"{s} {m}" for s in STRATEGIES for m in MESHES}
   for name, r in steps.items():

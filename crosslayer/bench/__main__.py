@@ -7,8 +7,13 @@ Suites: compile, train, memory, decode, dropout, matmul (see each function in su
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent compilation cache
+
+from crosslayer import cpu_threads  # noqa: E402
+
+THREADS = cpu_threads.configure()  # before JAX starts its CPU backend (the mesh suite's child)
 
 from absl import app, flags  # noqa: E402
 
@@ -41,6 +46,8 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"usage: python -m crosslayer.bench SUITE [flags]; SUITE: {SUITES}")
   from crosslayer.bench import suites  # pylint: disable=g-import-not-at-top
+  if THREADS:
+    print(THREADS, file=sys.stderr)
   suite = argv[1]
   fn = getattr(suites, f"suite_{suite}", None)
   if fn is None:
