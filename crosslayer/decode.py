@@ -21,6 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
+from crosslayer import cpu_threads  # noqa: E402
+
+THREADS = cpu_threads.configure()  # before JAX starts its CPU backend
+
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -68,14 +72,13 @@ def read_sources(path: str) -> list[str]:
 def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=None,
                 length_penalty=None, batch_size=None, which: str = "latest",
                 average_last_n: int = 1, no_repeat_ngram_size=None) -> list[str]:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from crosslayer import checkpoint, evaluate, train  # pylint: disable=g-import-not-at-top
+  from crosslayer import checkpoint, evaluate, train, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.exists():
     raise ValueError(f"--workdir: {config_path} not found; is {workdir} a trained workdir?")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config = workdir_lib.load_config(config_path)  # fields it lacks at their current defaults
   sources = read_sources(input_path)
   tok = train.load_tokenizer(workdir, config)
   cfg = train.model_config(config, tok.vocab_size)
@@ -108,6 +111,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from crosslayer import checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
+  if THREADS:
+    logging.info(THREADS)
   try:
     decode_file(FLAGS.workdir, FLAGS.input, FLAGS.output, beam_size=FLAGS.beam_size,
                 length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size,

@@ -9,6 +9,13 @@ checkpoint. Several processes (hosts): run the same command in each, see
 import os
 
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+if os.environ.get("CROSSLAYER_CPUS"):  # "0,1": run on these cores only (the sweep runner's
+  # worker slots); before JAX starts, whose CPU thread pools size themselves to the affinity
+  os.sched_setaffinity(0, [int(c) for c in os.environ["CROSSLAYER_CPUS"].split(",")])
+
+from crosslayer import cpu_threads  # noqa: E402
+
+THREADS = cpu_threads.configure()  # before JAX starts its CPU backend
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -25,6 +32,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from crosslayer import checkpoint, distributed, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
+  if THREADS:
+    logging.info(THREADS)
+  if os.environ.get("CROSSLAYER_CPUS"):
+    logging.info("Pinned to CPU cores %s (CROSSLAYER_CPUS)", os.environ["CROSSLAYER_CPUS"])
   checkpoint.quiet_orbax_logs()
   try:
     distributed.initialize(FLAGS.config)  # before any JAX computation

@@ -20,58 +20,18 @@ import optax
 from absl import logging
 
 from crosslayer import (accounting, checkpoint, distributed, evaluate, flops, losses,
-                        partitioning, sharing, tasks)
+                        partitioning, sharing, tasks, workdir as workdir_lib)
 from crosslayer.data import pipeline, tokenizer as tokenizer_lib
 from crosslayer.model.config import from_config
 from crosslayer.model.transformer import Transformer
 
-# Config fields that must match when a workdir is reused (resume / decode).
-RUN_IDENTITY = ("task", "seed", "data.dataset", "data.src_lang", "data.tgt_lang",
-                "data.vocab_size", "data.max_len_inputs", "data.max_len_targets",
-                "data.train_examples", "model")
+check_workdir = workdir_lib.check_workdir
+_jsonable = workdir_lib.jsonable
 
 
 # ----------------------------------------------------------------------------
 # Workdir helpers.
 # ----------------------------------------------------------------------------
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _jsonable(x):
-  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def _newer_fields_dropped(saved, now):
-  """`now` without the fields that `saved` lacks and that are off (False, 0, "", ()):
-  fields added to the code after the saved run was made, at their no-op value."""
-  if not isinstance(saved, dict) or not isinstance(now, dict):
-    return now
-  return {k: _newer_fields_dropped(saved[k], v) if k in saved else v
-          for k, v in now.items() if k in saved or v}
-
-
-def check_workdir(workdir: Path, config) -> None:
-  """A clear error if `workdir` holds a run whose identity fields differ from `config`."""
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
-    return
-  saved = json.loads(saved_path.read_text())
-  now = _newer_fields_dropped(saved, _jsonable(config.to_dict()))
-  for field in RUN_IDENTITY:
-    a, b = _get(saved, field), _get(now, field)
-    if a != b:
-      diff = field
-      if isinstance(a, dict):
-        key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        diff, a, b = f"{field}.{key}", a.get(key, "(absent)"), b.get(key, "(absent)")
-      raise ValueError(f"--workdir={workdir} holds a different run: config.{diff} is {a!r} in "
-                       f"{saved_path} but {b!r} now. Use a new --workdir (nothing was changed).")
-
-
 def tokenizer_path(workdir: Path, config) -> Path:
   return Path(workdir) / "vocab" / f"spm_{config.data.vocab_size}.model"
 
@@ -135,9 +95,9 @@ def make_train_step(cfg, tx, schedule, *, label_smoothing: float, grad_accum: in
         g, s = grad_fn(params, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll", "correct", "weight")}
-      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(grad_accum), micro))
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
@@ -188,6 +148,13 @@ def load_tokenizer(workdir: Path, config, texts=None):
 
 def _head(x: list, k: int) -> list:
   return x[:k] if k else x
+
+
+def training_pairs(config) -> tuple[list[str], list[str]]:
+  """The training split's (sources, targets), cut to config.data.train_examples."""
+  d = config.data
+  src, tgt = tasks.get(config.task).read_split(config, d.train_split)[:2]
+  return _head(src, d.train_examples), _head(tgt, d.train_examples)
 
 
 def num_input_shards(config) -> int:
@@ -247,16 +214,11 @@ class _Stop:
       signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------
-# Train and evaluate.
-# ----------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str | Path) -> dict:
-  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates; returns results."""
-  workdir = Path(workdir)
+def check_config(config) -> dict:
+  """Every check of `config` that needs no data and no workdir (also run by the sweep runner
+  before any run starts); returns what the trainer builds from it."""
   t, d = config.train, config.data
-  task = tasks.get(config.task)
-
-  # --- Validate everything before writing anything. -------------------------
+  tasks.get(config.task)
   requested_cfg = model_config(config, d.vocab_size)  # model fields, sharing schedules
   tx, schedule = make_optimizer(t)
   mesh = partitioning.make_mesh(config.mesh.shape)
@@ -287,9 +249,28 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   if d.valid_split not in d.eval_splits:
     raise ValueError(f"config.data.valid_split: {d.valid_split!r} must be one of "
                      f"config.data.eval_splits {tuple(d.eval_splits)}")
+  return {"cfg": requested_cfg, "tx": tx, "schedule": schedule, "mesh": mesh, "rules": rules,
+          "rows": rows, "num_shards": num_shards, "batch_sharding": batch_sharding,
+          "local_shards": local_shards}
+
+
+# ----------------------------------------------------------------------------
+# Train and evaluate.
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates; returns results."""
+  workdir = Path(workdir)
+  t, d = config.train, config.data
+  task = tasks.get(config.task)
+
+  # --- Validate everything before writing anything. -------------------------
+  checked = check_config(config)
+  tx, schedule, mesh, rules = (checked[k] for k in ("tx", "schedule", "mesh", "rules"))
+  rows, num_shards, local_shards = checked["rows"], checked["num_shards"], checked["local_shards"]
+  batch_sharding = checked["batch_sharding"]
+  len_in, len_tgt = d.max_len_inputs, d.max_len_targets
   check_workdir(workdir, config)
-  train_src, train_tgt = task.read_split(config, d.train_split)[:2]
-  train_src, train_tgt = _head(train_src, d.train_examples), _head(train_tgt, d.train_examples)
+  train_src, train_tgt = training_pairs(config)
   eval_text = {s: tuple(_head(x, d.eval_examples) for x in task.read_split(config, s))
                for s in d.eval_splits}
 
@@ -520,7 +501,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       "train_tokens": meta["train_tokens"],
       "train_tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9),
       "train_flops": step_flops * step, "schedules": scheds, "eval": results_eval,
-      "config": _jsonable(config.to_dict()),
+      "git_commit": workdir_lib.git_commit(), "config": _jsonable(config.to_dict()),
   }
   if is_main:
     tmp = workdir / "results.json.tmp"

@@ -51,7 +51,7 @@ def test_trains_evaluates_and_writes_results(trained):
   saved = json.loads((workdir / "results.json").read_text())
   for key in ("task", "dataset", "src_lang", "tgt_lang", "step", "unique_params",
               "effective_params", "train_seconds", "train_tokens_per_second", "train_flops",
-              "schedules", "eval", "config"):
+              "schedules", "eval", "git_commit", "config"):
     assert key in saved
   assert saved["task"] == "translation" and saved["step"] == config.train.num_steps
   assert set(saved["eval"]) == set(config.data.eval_splits)
@@ -246,15 +246,57 @@ def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
 
 
 def test_workdir_of_an_older_version_still_resumes(tmp_path):
-  """A field added to the code since the run was made is ignored at its off value only."""
+  """A field absent from a saved config.json is compared against its current default."""
   config = tiny_config()
   saved = train._jsonable(config.to_dict())
   del saved["model"]["copy_head"]  # a run made before the field existed
+  del saved["model"]["position"]["layer_tables"]
   tmp_path.joinpath("config.json").write_text(json.dumps(saved))
-  train.check_workdir(tmp_path, config)  # no error: copy_head=False changes nothing
-  config.model.copy_head = True
-  with pytest.raises(ValueError, match="config.model.copy_head"):
+  train.check_workdir(tmp_path, config)  # no error: the defaults are what the old code did
+  for field, value in (("copy_head", True), ("position.layer_tables", "per_layer")):
+    changed = tiny_config()
+    node = changed.model
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=f"config\\.model\\.{field} is (False|'shared') in"):
+      train.check_workdir(tmp_path, changed)
+
+
+@pytest.mark.parametrize("field,value", [("scan_layers", False), ("remat", "full"),
+                                         ("decode_scan", True)])
+def test_speed_only_fields_are_not_part_of_a_run(tmp_path, field, value):
+  config = tiny_config()
+  tmp_path.joinpath("config.json").write_text(json.dumps(train._jsonable(config.to_dict())))
+  config.model[field] = value
+  train.check_workdir(tmp_path, config)  # the same computation: resumes
+  config.model.emb_dim = 48
+  with pytest.raises(ValueError, match="config.model.emb_dim"):
     train.check_workdir(tmp_path, config)
+
+
+def test_workdir_without_a_newer_field_resumes_and_decodes(trained, tmp_path):
+  """A committed workdir made before a field existed: resume (nothing to train) and decode."""
+  import shutil
+  from crosslayer import workdir as workdir_lib
+  src, config, results = trained
+  workdir = tmp_path / "old"
+  shutil.copytree(src, workdir)
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["model"]["decode_scan"], saved["model"]["copy_head"], saved["decode"]["no_repeat_ngram_size"]
+  (workdir / "config.json").write_text(json.dumps(saved))
+  loaded = workdir_lib.load_config(workdir / "config.json")
+  assert loaded.model.decode_scan is False and loaded.model.copy_head is False
+  assert loaded.decode.no_repeat_ngram_size == 0
+  again = train.train_and_evaluate(tiny_config(), workdir)  # the same run: trains nothing
+  assert again["step"] == results["step"]
+  assert again["eval"]["val"]["bleu"] == pytest.approx(results["eval"]["val"]["bleu"], abs=1e-9)
+  sources = translation_task.read_split(config, "val")[0][:8]  # the eval's first batch
+  (tmp_path / "in.txt").write_text("".join(s + "\n" for s in sources))
+  hyps = decode_file(str(workdir), str(tmp_path / "in.txt"), str(tmp_path / "out.txt"))
+  first = (src / "decode" / "val.txt").read_text().splitlines()[:8]
+  assert hyps == first
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):
