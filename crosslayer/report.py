@@ -1,5 +1,8 @@
 """A sweep's table and plots: `python -m crosslayer.report DIR [--baseline=VARIANT]`.
 
+(`python -m crosslayer.report FILE.json...` prints one row per results.json instead, for runs
+made outside a sweep.)
+
 Reads only DIR/sweep.json and the runs' results.json; writes DIR/table.md, DIR/table.csv,
 DIR/quality_vs_params.png and DIR/quality_vs_flops.png. One row per variant: schedule per
 stack, M, N, unique and effective parameters, training FLOPs, train tokens/s, steps, the
@@ -204,15 +207,57 @@ def _plots(root: Path, table: list[dict], primary: str | None) -> None:
     plt.close(fig)
 
 
+def _file_scores(ev: dict, splits: list[str]) -> list[str]:
+  if "rouge1" not in ev[splits[0]]:
+    return ([f"{ev[s]['bleu']:.2f}" for s in splits] +
+            [f"{ev[splits[-1]].get('bleu_lc', math.nan):.2f}"])
+  cells = []
+  for s in splits:
+    e = ev[s]
+    cells.append(" / ".join(f"{e[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")))
+    cells.append(f"{e['multi_ref']['rouge1']:.2f}" if "multi_ref" in e else "")
+  return cells
+
+
+def files_table(paths: list[str]) -> str:
+  """A markdown table, one row per results.json (runs made outside a sweep): BLEU per split
+  (and the last split's lowercased BLEU), or ROUGE-1/2/L/Lsum per split and multi-reference
+  ROUGE-1."""
+  first = json.loads(Path(paths[0]).read_text())["eval"]
+  splits = list(first)
+  if "rouge1" not in first[splits[0]]:
+    metrics = [f"BLEU {s}" for s in splits] + [f"BLEU {splits[-1]} -lc"]
+  else:
+    metrics = [c for s in splits for c in (f"R1 / R2 / RL / RLsum {s}", f"multi-ref R1 {s}")]
+  header = ["run", "strategy", "layers", "sets M", "unique params", "effective params",
+            "steps", "train s", "tokens/s"] + metrics
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for path in paths:
+    r = json.loads(Path(path).read_text())
+    m = r["config"]["model"]
+    sets = max(r["schedules"]["encoder"]["feed_forward"]) + 1
+    cells = [Path(path).name, m["sharing"]["strategy"],
+             f"{m['num_encoder_layers']}+{m['num_decoder_layers']}", str(sets),
+             f"{r['unique_params']:,}", f"{r['effective_params']:,}", str(r["step"]),
+             f"{r['train_seconds']:.0f}", f"{r['train_tokens_per_second']:.0f}"]
+    lines.append("| " + " | ".join(cells + _file_scores(r["eval"], list(r["eval"]))) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT]")
+  if len(argv) < 2:
+    raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT] | "
+                         "FILE.json...")
   try:
-    out = write_report(argv[1], flags.FLAGS.baseline)
+    if all(a.endswith(".json") for a in argv[1:]):
+      print(files_table(argv[1:]), end="")
+      return
+    if len(argv) != 2:
+      raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT]")
+    write_report(argv[1], flags.FLAGS.baseline)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   print((Path(argv[1]) / "table.md").read_text())
-  del out
 
 
 if __name__ == "__main__":

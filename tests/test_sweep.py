@@ -226,3 +226,16 @@ def test_report_means_and_stds_match_numpy(swept, tmp_path):
     assert (root / png).read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="--baseline: 'zz' is not a variant"):
     report.write_report(root, baseline="zz")
+
+
+def test_report_of_single_results_files(swept):
+  _, root, _ = swept
+  files = [str(root / n / "results.json") for n in ("a/seed0", "b/seed1")]
+  proc = subprocess.run([sys.executable, "-m", "crosslayer.report", *files], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("| run | strategy | layers | sets M |") and len(lines) == 4
+  r = json.loads(Path(files[1]).read_text())
+  assert lines[3].split(" | ")[1:4] == ["all", "3+2", "1"]
+  assert f"| {r['eval']['val']['bleu']:.2f} |" in lines[3]
