@@ -24,7 +24,8 @@ CONFIGS_DIR = REPO / "configs"
 # Config fields that must match when a workdir is reused (resume, decode, sweeps).
 RUN_IDENTITY = ("task", "seed", "data.dataset", "data.src_lang", "data.tgt_lang",
                 "data.vocab_size", "data.max_len_inputs", "data.max_len_targets",
-                "data.train_examples", "model")
+                "data.train_examples", "data.tasks", "data.max_story_sentences",
+                "data.valid_fraction", "data.encoding", "model")
 # Fields that change speed or memory but not what is computed: not part of the identity.
 SPEED_ONLY = ("model.scan_layers", "model.remat", "model.decode_scan", "model.kernels")
 

@@ -27,7 +27,7 @@ MULTI30K_LANGS = ("en", "de")
 DOWNLOAD_TIMEOUT_S = 10.0
 
 _DOWNLOADABLE = ("multi30k",)
-_KNOWN = ("multi30k", "aeslc")
+_KNOWN = ("multi30k", "aeslc", "babi")
 
 
 def resolve_data_dir(configured: str, name: str) -> pathlib.Path:

@@ -2,7 +2,7 @@
 
 import importlib
 
-TASKS = ("translation", "summarization")
+TASKS = ("translation", "summarization", "qa")
 
 
 def get(name: str):

@@ -1,0 +1,64 @@
+"""Question answering on bAbI: the task's metrics, and a tiny joint run end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import qa as qa_configs
+from crosslayer import train
+from crosslayer.data import babi
+from crosslayer.tasks import qa
+
+
+def test_score_exact_match_per_task_errors_and_failed_tasks():
+  refs = ["kitchen", "apple,football", "yes", "no", "n,w", "garden"]
+  hyps = ["kitchen", "apple, football", "yes", "yes", "n,w", "garden "]  # 2 wrong
+  tasks = [1, 8, 6, 6, 19, 1]
+  out = qa.score(hyps, refs, (None, refs, tasks))
+  assert out["per_task_error"] == {"qa1": 0.0, "qa6": 50.0, "qa8": 100.0, "qa19": 0.0}
+  assert out["mean_error"] == pytest.approx(37.5)      # unweighted over the 4 tasks
+  assert out["failed_tasks"] == 2                       # error > 5%
+  assert out["answer_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_source_is_the_cut_story_and_the_question():
+  q = babi.Question(1, 0, tuple(f"S{i}." for i in range(5)), "Where?", "x", (0, 4))
+  assert qa.source_text(q, 2) == "S3. S4. Where?"
+  assert qa.source_text(q, 0) == "S0. S1. S2. S3. S4. Where?"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("encoding", "facts", "config.data.encoding: 'facts'"),
+    ("encoding", "words", "config.data.encoding: 'words' is not one of"),
+    ("tasks", (0, 1), r"config.data.tasks: \(0, 1\) must be task numbers in 1..20"),
+])
+def test_bad_data_fields_fail_before_writing(tmp_path, field, value, message):
+  config = qa_configs.get_config("tiny")
+  config.data[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, tmp_path / "wd")
+  assert not (tmp_path / "wd").exists()
+
+
+def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
+  config = qa_configs.get_config("tiny")
+  results = train.train_and_evaluate(config, tmp_path)
+  assert results["task"] == "qa" and results["step"] == config.train.num_steps
+  for split in ("valid", "test"):
+    ev = results["eval"][split]
+    assert {"loss", "accuracy", "answer_accuracy", "mean_error", "failed_tasks",
+            "per_task_error", "num_examples"} <= set(ev)
+    sources, refs, tasks = qa.read_split(config, split)
+    hyps = (tmp_path / "decode" / f"{split}.txt").read_text().split("\n")[:-1]
+    assert len(hyps) == len(refs) == ev["num_examples"]
+    right = np.array([h == r for h, r in zip(hyps, refs)])
+    tasks = np.array(tasks)
+    want = {f"qa{t}": 100 * (1 - right[tasks == t].mean()) for t in (1, 6)}
+    assert ev["per_task_error"] == pytest.approx(want)
+    assert ev["mean_error"] == pytest.approx(np.mean(list(want.values())))
+    assert ev["failed_tasks"] == sum(e > 5 for e in want.values())
+    assert ev["answer_accuracy"] == pytest.approx(right.mean())
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["eval"]["test"]["per_task_error"] == results["eval"]["test"]["per_task_error"]
