@@ -6,6 +6,8 @@
 IN: one source a line (plain text or .gz), or for summarization `.jsonl`/`.jsonl.gz`
 with a `document` field. OUT: one detokenized hypothesis a line, same order and
 count; an empty source gives an empty line; over-long sources are truncated.
+QA workdirs read bAbI stories instead (`.txt`/`.txt.gz`, answer columns ignored when
+present) or `.jsonl` with `story` and `question`: one answer a question, in order.
 
 Decoding restores the params onto one device of one process, so it does not start
 multi-process JAX (`config.distributed` of the workdir is ignored): launch it once,
@@ -69,6 +71,36 @@ def read_sources(path: str) -> list[str]:
   return [line.rstrip("\r") for line in lines]
 
 
+def read_questions(path: str, max_story_sentences: int) -> list[str]:
+  """QA sources: bAbI stories (`.txt`/`.txt.gz`; answer columns ignored when present) or JSONL
+  with `story` (a string or a list of sentences) and `question`; one source per question."""
+  import re  # pylint: disable=g-import-not-at-top
+  from crosslayer.data import babi  # pylint: disable=g-import-not-at-top
+  from crosslayer.tasks import qa  # pylint: disable=g-import-not-at-top
+  p = Path(path)
+  if not p.exists():
+    raise ValueError(f"--input: {p} does not exist")
+  if not p.name.endswith((".jsonl", ".jsonl.gz")):
+    questions = babi.parse(babi.read_lines(p), f"--input: {p}", answers=False)
+    return [qa.source_text(q, max_story_sentences) for q in questions]
+  sources = []
+  for i, line in enumerate(babi.read_lines(p), 1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--input: {p} line {i}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or "story" not in obj or "question" not in obj:
+      raise ValueError(f"--input: {p} line {i}: needs 'story' and 'question' fields")
+    story = obj["story"]
+    if isinstance(story, str):
+      story = [s for s in re.split(r"(?<=[.!?])\s+", story.strip()) if s]
+    q = babi.Question(0, 0, tuple(map(str, story)), str(obj["question"]).strip(), "", ())
+    sources.append(qa.source_text(q, max_story_sentences))
+  return sources
+
+
 def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=None,
                 length_penalty=None, batch_size=None, which: str = "latest",
                 average_last_n: int = 1, no_repeat_ngram_size=None) -> list[str]:
@@ -79,7 +111,10 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
   if not config_path.exists():
     raise ValueError(f"--workdir: {config_path} not found; is {workdir} a trained workdir?")
   config = workdir_lib.load_config(config_path)  # fields it lacks at their current defaults
-  sources = read_sources(input_path)
+  if config.task == "qa":
+    sources = read_questions(input_path, config.data.max_story_sentences)
+  else:
+    sources = read_sources(input_path)
   tok = train.load_tokenizer(workdir, config)
   cfg = train.model_config(config, tok.vocab_size)
   mngr = checkpoint.manager(workdir, read_only=True)

@@ -214,6 +214,15 @@ class _Stop:
       signal.signal(sig, handler)
 
 
+def scalars(scores: dict) -> dict:
+  """The metrics to log: float values, and per-task errors as "error/qa1", ... (QA)."""
+  out = {k: v for k, v in scores.items() if isinstance(v, float)}
+  out.update({f"error/{k}": float(v) for k, v in scores.get("per_task_error", {}).items()})
+  if "failed_tasks" in scores:
+    out["failed_tasks"] = float(scores["failed_tasks"])
+  return out
+
+
 def check_config(config) -> dict:
   """Every check of `config` that needs no data and no workdir (also run by the sweep runner
   before any run starts); returns what the trainer builds from it."""
@@ -381,8 +390,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                                    list(eval_text[d.valid_split][0]),
                                    batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
       scores = task.score(hyps, list(eval_text[d.valid_split][1]), eval_text[d.valid_split])
-      log(step, f"eval_{d.valid_split}", {k: v for k, v in scores.items() if
-                                           isinstance(v, float)})
+      log(step, f"eval_{d.valid_split}", scalars(scores))
     return out["loss"]
 
   unfolded = []  # token counts (device scalars) of steps not yet in meta["train_tokens"]
@@ -491,8 +499,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       (decode_dir / f"{split}.txt").write_text("".join(h + "\n" for h in hyps))
     results_eval[split] = {"loss": out["loss"], **scores, "accuracy": out["accuracy"],
                            "perplexity": out["perplexity"], "num_examples": len(sources)}
-    log(step, f"final_{split}", {k: v for k, v in results_eval[split].items()
-                                  if isinstance(v, float)})
+    log(step, f"final_{split}", scalars(results_eval[split]))
     logging.info("%s: %s", split, results_eval[split])
   results = {
       "task": config.task, "dataset": d.dataset, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,

@@ -12,6 +12,11 @@ from crosslayer.data import babi
 from crosslayer.tasks import qa
 
 
+def babi_dir():
+  from crosslayer.data import multi30k  # pylint: disable=g-import-not-at-top
+  return multi30k.resolve_data_dir("", "babi")
+
+
 def test_score_exact_match_per_task_errors_and_failed_tasks():
   refs = ["kitchen", "apple,football", "yes", "no", "n,w", "garden"]
   hyps = ["kitchen", "apple, football", "yes", "yes", "n,w", "garden "]  # 2 wrong
@@ -60,5 +65,22 @@ def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
     assert ev["mean_error"] == pytest.approx(np.mean(list(want.values())))
     assert ev["failed_tasks"] == sum(e > 5 for e in want.values())
     assert ev["answer_accuracy"] == pytest.approx(right.mean())
+  # crosslayer.decode: bAbI stories without answers, and JSONL, one answer a question.
+  from crosslayer.decode import decode_file  # pylint: disable=g-import-not-at-top
+  path = next((babi_dir() / "en").glob("qa1_*_test.txt.gz"))
+  lines = babi.read_lines(path)[:15]   # the first stories' 5 questions, answers cut off
+  (tmp_path / "in.txt").write_text("".join(l.split("\t")[0].rstrip() + "\n" for l in lines))
+  first = decode_file(str(tmp_path), str(tmp_path / "in.txt"), str(tmp_path / "out.txt"))
+  assert len(first) == 5 and (tmp_path / "out.txt").read_text().count("\n") == 5
+  qs = babi.parse(lines, "x")
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"story": list(q.story), "question":
+                                                         q.question}) + "\n" for q in qs))
+  assert decode_file(str(tmp_path), str(tmp_path / "in.jsonl"), str(tmp_path / "o2.txt")) == first
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["eval"]["test"]["per_task_error"] == results["eval"]["test"]["per_task_error"]
+  # Per-task errors also in metrics.jsonl (and TensorBoard) as error/qa1, ...
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  final = next(l for l in lines if l["kind"] == "final_test")
+  assert final["error/qa1"] == pytest.approx(results["eval"]["test"]["per_task_error"]["qa1"])
+  assert final["error/qa6"] == pytest.approx(results["eval"]["test"]["per_task_error"]["qa6"])
+  assert final["failed_tasks"] == results["eval"]["test"]["failed_tasks"]
