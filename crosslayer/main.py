@@ -3,7 +3,7 @@
 Intentionally short: flags -> config -> (multi-process) initialization ->
 train_and_evaluate. Running it again on the same DIR resumes from the latest
 checkpoint. Several processes (hosts): run the same command in each, see
-`config.distributed` and the README's "Scaling out".
+`config.distributed` and docs/scaling.md.
 """
 
 import os
