@@ -76,7 +76,7 @@ def get_config(arg: str = "babi"):
     t.log_every = 2
     t.eval_every = 3
     t.checkpoint_every = 3
-    e.batch_rows = e.eval_batch_rows = 16
+    e.batch_rows = e.eval_batch_rows = 128
     m.num_encoder_layers, m.num_decoder_layers = 2, 1
     m.emb_dim, m.num_heads, m.mlp_dim = 32, 2, 64
     m.max_len = 64
