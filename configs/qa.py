@@ -1,8 +1,9 @@
 """Question answering configs (bAbI v1.2): `--config=configs/qa.py:ARG`.
 
-ARG: `babi` (all 20 tasks of the 1k set, trained jointly), `babi_quick` (a demo of a few
-minutes on a 2-core CPU: tasks 1, 4, 6 and 9 — one supporting fact, two-argument relations,
-yes/no, negation — which a small model learns in a few hundred steps), `babi_10k` (the 10k
+ARG: `babi` (all 20 tasks of the 1k set, trained jointly), `babi_quick` (meant as the
+<= 10-minute demo on a 2-core CPU, not timed or tuned yet: tasks 1, 4, 6 and 9 — one
+supporting fact, two-argument relations, yes/no, negation — a 3+1-layer model, 600 steps),
+`babi_10k` (the 10k
 set, all 20 tasks; here its qa3 training file is missing: leave task 3 out with
 `--config.data.tasks="(1,2,4,5,...)"`), `tiny` (tests). Shares every training, decoding,
 mesh and model field with configs/translation.py (same trainer, same model).
