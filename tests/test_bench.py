@@ -84,6 +84,13 @@ def test_suite_prints_json_lines(suite, args, keys):
 # --- vs_flax_wmt / vs_torch: the same harness around another codebase's model. -------------
 # The peers are not dependencies: without them these tests skip, saying how to enable them.
 PEERS_HINT = "run `bash .ci/peers` to install the benchmark peers (PyTorch CPU, Flax WMT example)"
+
+
+def _no_peer(reason: str):
+  """Skip without the peer, except where they must be there (CI: CROSSLAYER_REQUIRE_PEERS=1)."""
+  if os.environ.get("CROSSLAYER_REQUIRE_PEERS"):
+    pytest.fail(f"{reason}, but CROSSLAYER_REQUIRE_PEERS is set: {PEERS_HINT}")
+  pytest.skip(f"{reason}: {PEERS_HINT}")
 TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
 COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
 
@@ -94,8 +101,7 @@ def _flax_dir():
   import flax  # pylint: disable=g-import-not-at-top
   path = os.environ.get("FLAX_DIR") or str(ROOT / ".venv" / "flax_src" / f"flax-{flax.__version__}")
   if not (Path(path) / "examples" / "wmt" / "models.py").is_file():
-    pytest.skip(f"no Flax WMT example at {path}: {PEERS_HINT} (or set FLAX_DIR to a "
-                "google/flax checkout)")
+    _no_peer(f"no Flax WMT example at {path} (or set FLAX_DIR to a google/flax checkout)")
   return path
 
 
@@ -139,7 +145,7 @@ def test_vs_flax_wmt_bad_flax_dir_is_one_clear_error(flag):
 def test_vs_torch_prints_json_lines():
   import importlib.util  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec("torch") is None:
-    pytest.skip(f"PyTorch is not installed: {PEERS_HINT}")
+    _no_peer("PyTorch is not installed")
   proc = _bench("vs_torch", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
