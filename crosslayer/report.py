@@ -85,8 +85,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
-def rows(manifest: dict, results: dict, columns=()) -> list[dict]:
-  """One dict per variant, in the manifest's order."""
+def rows(manifest: dict, results: dict, columns=()) -> tuple[list[dict], list[str]]:
+  """(one dict per variant in the manifest's order, the metric column names)."""
   variants = list(dict.fromkeys(r["variant"] for r in manifest["runs"]))
   example = next((r for r in results.values() if r), None)
   metrics = metric_names(example) if example else []

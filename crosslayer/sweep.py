@@ -334,7 +334,8 @@ def run_sweep(path: str, root: str, *, only: str = "", dry_run: bool = False, wo
     stopping.append(signum)
   old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  active: dict[int, tuple[Run, subprocess.Popen, Any, float]] = {}  # slot -> (run, proc, lock)
+  active: dict[int, tuple[Run, subprocess.Popen, Any, float]] = {}  # slot -> (run, proc, lock,
+  terminated: set[int] = set()                                      #   start time)
   try:
     while (queue and not stopping) or active:
       for slot_id, slot in enumerate(slots):
@@ -378,9 +379,9 @@ def run_sweep(path: str, root: str, *, only: str = "", dry_run: bool = False, wo
         logging.info("Started %s on %s (pid %d)", run.name, slot, proc.pid)
         write_manifest(root, name, path, scale, runs, commit, columns)
       for slot_id, (run, proc, lock, started) in list(active.items()):
-        if stopping and not getattr(proc, "_sent_term", False):
+        if stopping and proc.pid not in terminated:
           proc.send_signal(signal.SIGTERM)
-          proc._sent_term = True  # pylint: disable=protected-access
+          terminated.add(proc.pid)
         rc = proc.poll()
         if rc is None:
           continue
