@@ -8,8 +8,10 @@ starts): two processes with one forced CPU device each (`jax.distributed.initial
 and one process resuming a copy of the two-process workdir.
 """
 
+import concurrent.futures
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -147,39 +149,82 @@ def clean_env(monkeypatch):
   return monkeypatch
 
 
-def test_auto_stays_single_process_without_a_cluster(clean_env):
-  assert distributed.plan(_dist(), cluster=None) is None
-  assert distributed.plan(_dist(), cluster=("slurm", 1)) is None  # srun -n 1
-  assert distributed.plan(_dist(initialize="no"), cluster=("slurm", 4)) is None
-
-
-def test_auto_initializes_for_a_multi_process_environment(clean_env):
+def test_plan_passes_set_fields_and_leaves_the_rest_to_jax(clean_env):
   every_none = {"coordinator_address": None, "num_processes": None, "process_id": None,
                 "local_device_ids": None}
-  assert distributed.plan(_dist(), cluster=("slurm", 2)) == every_none  # JAX fills them in
-  clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  assert distributed.plan(_dist()) == every_none  # JAX's cluster detection fills them in
+  assert distributed.plan(_dist(initialize="no")) is None
   assert distributed.plan(_dist(num_processes=2, process_id=1)) == {
       **every_none, "num_processes": 2, "process_id": 1}
   assert distributed.plan(_dist(coordinator_address="h:1", num_processes=2, process_id=0,
-                                local_device_ids="0,1"), None) == {
+                                local_device_ids="0,1")) == {
       "coordinator_address": "h:1", "num_processes": 2, "process_id": 0,
       "local_device_ids": [0, 1]}
 
 
-def test_coordinator_from_the_environment_needs_the_process_count(clean_env):
-  clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
-  with pytest.raises(ValueError, match=r"config.distributed.num_processes: needed with "
-                                       r"coordinator_address='10.0.0.1:1234'"):
-    distributed.plan(_dist(), cluster=None)
+# `distributed.initialize` in a fresh process (jax.distributed.initialize must come before
+# any JAX computation): each case's outcome, one JSON line.
+_INITIALIZE_CASES = """
+import json, sys
+from configs import translation
+from crosslayer import distributed
+import jax
+for fields in json.loads(sys.argv[1]):
+  d = translation.get_config("tiny")
+  d.distributed.update(fields)
+  try:
+    out = {"multi": distributed.initialize(d), "count": jax.process_count()}
+  except ValueError as e:
+    out = {"error": str(e)}
+  print("CASE " + json.dumps(out), flush=True)
+"""
 
 
-def test_detect_cluster_reads_jax_cluster_environments(clean_env):
-  assert distributed.detect_cluster() is None
-  for k, v in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
-               "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
-    clean_env.setenv(k, v)
-  assert distributed.detect_cluster() == ("slurm", 2)
-  assert distributed.plan(_dist(), distributed.detect_cluster()) is not None
+def _initialize(cases: list[dict], env: dict, timeout: float = 120) -> list[dict]:
+  env = {**{k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}, **env,
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _INITIALIZE_CASES, json.dumps(cases)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(l[5:]) for l in proc.stdout.splitlines() if l.startswith("CASE ")]
+
+
+def test_initialize_without_a_cluster():
+  """"auto" with nothing set stays single-process where JAX detects no cluster; a value
+  that neither the config nor a cluster supplies is an error naming its field."""
+  cases = [
+      ({"num_processes": 2, "process_id": 0}, r"config.distributed.coordinator_address: needed"),
+      ({"initialize": "yes"}, r"config.distributed.coordinator_address: needed"),
+      ({"coordinator_address": "h:1"}, r"config.distributed.num_processes: needed with "
+                                       r"coordinator_address='h:1'"),
+      ({"coordinator_address": "h:1", "num_processes": 2},
+       r"config.distributed.process_id: needed \(0 .. 1\) with num_processes=2"),
+      ({}, None),  # last: it succeeds (a single process)
+  ]
+  got = _initialize([fields for fields, _ in cases], env={})
+  assert len(got) == len(cases)
+  for (fields, message), out in zip(cases, got):
+    if message is None:
+      assert out == {"multi": False, "count": 1}, fields
+    else:
+      assert re.match(message, out.get("error", "")), (fields, out)
+
+
+def test_coordinator_from_the_environment_needs_the_process_count():
+  got = _initialize([{}], env={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert re.match(r"config.distributed.num_processes: needed with "
+                  r"coordinator_address='10.0.0.1:1234'", got[0]["error"])
+
+
+def test_auto_joins_the_cluster_jax_detects():
+  """Two processes under a (simulated) SLURM job step with two tasks on this host: "auto"
+  with no field set joins them through JAX's own SLURM detection."""
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+           "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": str(_free_port())}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    outs = list(pool.map(lambda i: _initialize([{}], {**slurm, "SLURM_PROCID": str(i)}),
+                         range(2)))
+  assert outs == [[{"multi": True, "count": 2}]] * 2
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -190,12 +235,6 @@ def test_detect_cluster_reads_jax_cluster_environments(clean_env):
      r"config.distributed.process_id: 2 must be < config.distributed.num_processes \(2\)"),
     ({"num_processes": -1}, r"config.distributed.num_processes: -1 must be >= 1"),
     ({"process_id": -2}, r"config.distributed.process_id: -2 must be >= 0"),
-    ({"coordinator_address": "h:1"}, r"config.distributed.num_processes: needed with "
-                                     r"coordinator_address='h:1'"),
-    ({"coordinator_address": "h:1", "num_processes": 2},
-     r"config.distributed.process_id: needed \(0 .. 1\) with num_processes=2"),
-    ({"num_processes": 2, "process_id": 0}, r"config.distributed.coordinator_address: needed"),
-    ({"initialize": "yes"}, r"config.distributed.coordinator_address: needed"),
     ({"coordinator_address": "no-port"}, r"config.distributed.coordinator_address: 'no-port' "
                                          r"is not 'HOST:PORT'"),
     ({"local_device_ids": "0,a"}, r"config.distributed.local_device_ids: '0,a' is not"),
@@ -204,7 +243,7 @@ def test_detect_cluster_reads_jax_cluster_environments(clean_env):
 ])
 def test_distributed_errors_name_the_field(clean_env, fields, message):
   with pytest.raises(ValueError, match=message):
-    distributed.plan(_dist(**fields), cluster=None)
+    distributed.plan(_dist(**fields))
 
 
 def test_num_shards_errors_name_the_field(tmp_path):
