@@ -7,6 +7,7 @@ a few minutes on a 2-core CPU), `wmt14` (TFDS wmt14_translate/de-en), `tiny`
 
 import ml_collections
 
+from crosslayer import partitioning
 from crosslayer.model.config import default_model_config
 
 
@@ -68,12 +69,10 @@ def get_config(arg: str = "multi30k"):
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)           # (data, fsdp, tensor); -1 = the remaining devices
-  c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
-                  ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-                  ("kv", None), ("sets", None), ("length", None))  # logical -> mesh axes
+  c.mesh.rules = partitioning.DEFAULT_RULES  # logical -> mesh axes (defined there, once)
 
   c.distributed = r = ml_collections.ConfigDict()  # multi-process runs: crosslayer/distributed.py
-  r.initialize = "auto"               # "auto" (if the environment is multi-process) | "yes" | "no"
+  r.initialize = "auto"               # "auto" (JAX's cluster detection decides) | "yes" | "no"
   r.coordinator_address = ""          # process 0's "HOST:PORT" ("" = $JAX_COORDINATOR_ADDRESS)
   r.num_processes = 0                 # processes in the run (0 = detect: SLURM, Open MPI, TPU)
   r.process_id = -1                   # this process, 0 .. num_processes - 1 (-1 = detect)
