@@ -35,6 +35,7 @@ def test_analytic_flops_equal_a_hand_count():
   assert flops.train_step_flops(cfg, rows, s, t) == 3 * forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite,args,keys", [
     ("compile", ["--layers=3,4", "--strategies=none,cycle_rev"],
      {"name", "strategy", "num_layers", "compile_seconds", "unique_params", "effective_params"}),
@@ -110,6 +111,7 @@ def _bench(*args, timeout=600):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 def test_vs_flax_wmt_prints_json_lines():
   proc = _bench("vs_flax_wmt", f"--flax_dir={_flax_dir()}", *TINY, "--layers=2",
@@ -141,6 +143,7 @@ def test_vs_flax_wmt_bad_flax_dir_is_one_clear_error(flag):
   assert "--flax_dir" in lines[0] and "examples/wmt/models.py" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 def test_vs_torch_prints_json_lines():
   import importlib.util  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,7 @@
 """`python -m crosslayer.bench mesh` on a tiny model prints one JSON line per mesh, and the
 per-device bytes follow the mesh: replicated over `data`, split over `fsdp`."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ KEYS = {"name", "strategy", "mesh", "devices", "params_bytes_per_device",
         "optimizer_bytes_per_device", "temp_bytes_per_device", "step_seconds", "step_ratio"}
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_mesh_suite_prints_json_lines():
   # This process has one device: the suite reruns itself with 8 forced host devices.
   env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 "

@@ -98,6 +98,8 @@ def _assert_params_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_two_processes_train_like_one(runs):
   tmp, out = runs
   for i in range(2):
@@ -121,6 +123,8 @@ def test_two_processes_train_like_one(runs):
   assert (tmp / "two" / "decode" / "val.txt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_two_process_checkpoint_resumes_in_one_process(runs):
   tmp, out = runs
   r = out["resumed"]
@@ -216,6 +220,7 @@ def test_coordinator_from_the_environment_needs_the_process_count():
                   r"coordinator_address='10.0.0.1:1234'", got[0]["error"])
 
 
+@pytest.mark.multidevice
 def test_auto_joins_the_cluster_jax_detects():
   """Two processes under a (simulated) SLURM job step with two tasks on this host: "auto"
   with no field set joins them through JAX's own SLURM detection."""

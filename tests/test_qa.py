@@ -47,6 +47,7 @@ def test_bad_data_fields_fail_before_writing(tmp_path, field, value, message):
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
   config = qa_configs.get_config("tiny")
   results = train.train_and_evaluate(config, tmp_path)

@@ -39,6 +39,8 @@ def sharded():
   return json.loads(line[len("SHARDED_CHECK "):])
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_sharded_step_equals_single_device(sharded):
   # The check ran with the entry points' thread headroom (crosslayer/cpu_threads.py).
   assert sharded["nproc"] == str(max(os.cpu_count(), 8 * cpu_threads.THREADS_PER_DEVICE))
@@ -52,6 +54,8 @@ def test_sharded_step_equals_single_device(sharded):
     assert r["params_violation"] <= 1.0, (name, r)  # allclose(rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_params_and_optimizer_state_sharded_by_rules(sharded):
   for strategy in STRATEGIES:
     r = sharded["sharding"][strategy]
@@ -63,6 +67,8 @@ def test_params_and_optimizer_state_sharded_by_rules(sharded):
     assert r["enc_wi_devices"] == 8
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_checkpoint_restores_onto_another_mesh(sharded):
   r = sharded["checkpoint"]
   assert r["max_abs"] == 0.0
@@ -71,6 +77,8 @@ def test_checkpoint_restores_onto_another_mesh(sharded):
   assert r["data"] == {"pos": 1}
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 @pytest.mark.parametrize("case,field,numbers", [
     ("mesh_size", "config.mesh.shape", ("(4, 1, 1)", "4 devices", "8")),
     ("batch", "config.train.batch_tokens", ("192", "6 rows", "(8)")),

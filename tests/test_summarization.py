@@ -39,6 +39,7 @@ def test_rouge_of_known_pairs_is_exact():
   assert scores["rouge1"] == 100.0 and scores["multi_ref"]["rouge1"] == 100.0
 
 
+@pytest.mark.slow
 def test_tiny_model_trains_and_decodes_aeslc_slice(tmp_path):
   config = summarization.get_config("tiny")
   results = train.train_and_evaluate(config, tmp_path)

@@ -52,6 +52,7 @@ def swept(tmp_path_factory):
   return path, root, proc
 
 
+@pytest.mark.slow
 def test_runs_finish_failures_are_reported_and_the_others_run(swept):
   path, root, proc = swept
   assert proc.returncode != 0 and "2 run(s) failed: broken/seed0, broken/seed1" in proc.stderr
@@ -76,6 +77,7 @@ def test_runs_finish_failures_are_reported_and_the_others_run(swept):
   assert len(vocabs) == 1
 
 
+@pytest.mark.slow
 def test_two_workers_train_at_once(swept):
   _, root, _ = swept
 
@@ -87,6 +89,7 @@ def test_two_workers_train_at_once(swept):
   assert a0 < b1 and b0 < a1  # the first two runs overlap in time
 
 
+@pytest.mark.slow
 def test_second_call_starts_no_process(swept, monkeypatch):
   path, root, _ = swept
   started = []
@@ -96,6 +99,7 @@ def test_second_call_starts_no_process(swept, monkeypatch):
   assert started == []
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_params(swept, tmp_path):
   path, root, _ = swept
   other = tmp_path / "root"
@@ -125,6 +129,7 @@ def test_killed_run_resumes_to_the_uninterrupted_params(swept, tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), *params)
 
 
+@pytest.mark.slow
 def test_shards_split_the_runs_exactly_once(tmp_path, monkeypatch):
   path = write(tmp_path, "tiny_exp", EXPERIMENT.replace('"broken"', '"c"'))
   launched = []
@@ -199,6 +204,7 @@ def test_broken_experiment_fails_before_any_run(tmp_path, change, message):
   assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.slow
 def test_report_means_and_stds_match_numpy(swept, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   _, src, _ = swept
@@ -228,6 +234,7 @@ def test_report_means_and_stds_match_numpy(swept, tmp_path):
     report.write_report(root, baseline="zz")
 
 
+@pytest.mark.slow
 def test_report_of_single_results_files(swept):
   _, root, _ = swept
   files = [str(root / n / "results.json") for n in ("a/seed0", "b/seed1")]

@@ -1,5 +1,6 @@
 """The train step: gradient accumulation equals one big batch; the learning-rate schedule."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from crosslayer import train
 from crosslayer.bench import common
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_batch():
   # In float64: summing micro-batch gradients in another order than one batch's dot products
   # differs by float rounding only (~1e-16 relative here). In float32 that difference reached

@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
   return workdir, config, results
 
 
+@pytest.mark.slow
 def test_trains_evaluates_and_writes_results(trained):
   workdir, config, results = trained
   saved = json.loads((workdir / "results.json").read_text())
@@ -71,6 +72,7 @@ def test_trains_evaluates_and_writes_results(trained):
   assert saved["schedules"]["encoder"]["feed_forward"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_curves_script_reads_the_run(trained, tmp_path):
   workdir, config, results = trained
   script = ROOT / "experiments" / "curves.py"
@@ -88,6 +90,7 @@ def test_curves_script_reads_the_run(trained, tmp_path):
   assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
   workdir, config, _ = trained
   train.train_and_evaluate(tiny_config(num_steps=4), tmp_path)   # stops at 4 (checkpointed)
@@ -101,6 +104,7 @@ def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
   assert meta["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(tmp_path):
   cmd = [sys.executable, "-m", "crosslayer.main", "--config=configs/translation.py:tiny",
          f"--workdir={tmp_path}", "--config.train.num_steps=100000",
@@ -119,6 +123,7 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_decode_cli_one_line_per_input(trained, tmp_path):
   workdir, _, _ = trained
   src = tmp_path / "in.txt.gz"
@@ -139,6 +144,7 @@ def test_decode_cli_one_line_per_input(trained, tmp_path):
     decode_file(str(workdir), str(src), str(out), no_repeat_ngram_size=-1)
 
 
+@pytest.mark.slow
 def test_beam1_equals_greedy_and_cache_equals_uncached(trained):
   workdir, config, _ = trained
   state, cfg, tok = restored_params(workdir, config)
@@ -235,6 +241,7 @@ def test_bad_input_fails_before_writing(tmp_path, case, match):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
   workdir, config, _ = trained
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
@@ -245,6 +252,7 @@ def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
   assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
 
 
+@pytest.mark.slow
 def test_workdir_of_an_older_version_still_resumes(tmp_path):
   """A field absent from a saved config.json is compared against its current default."""
   config = tiny_config()
@@ -264,6 +272,7 @@ def test_workdir_of_an_older_version_still_resumes(tmp_path):
       train.check_workdir(tmp_path, changed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("scan_layers", False), ("remat", "full"),
                                          ("decode_scan", True)])
 def test_speed_only_fields_are_not_part_of_a_run(tmp_path, field, value):
@@ -276,6 +285,7 @@ def test_speed_only_fields_are_not_part_of_a_run(tmp_path, field, value):
     train.check_workdir(tmp_path, config)
 
 
+@pytest.mark.slow
 def test_workdir_without_a_newer_field_resumes_and_decodes(trained, tmp_path):
   """A committed workdir made before a field existed: resume (nothing to train) and decode."""
   import shutil
