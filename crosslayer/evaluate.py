@@ -157,3 +157,11 @@ def decode_texts(predict, params, tokenizer, sources: list[str], *, batch_rows: 
       if idx >= 0:
         out[keep[idx]] = tokenizer.decode(tokens[row])
   return out
+
+
+def decode_and_score(predict, params, tokenizer, task, text: tuple, *, batch_rows: int,
+                     max_len_inputs: int) -> tuple[list[str], dict]:
+  """(hypotheses, the task's scores) for `text`, the task's (sources, references, ...)."""
+  hyps = decode_texts(predict, params, tokenizer, list(text[0]), batch_rows=batch_rows,
+                      max_len_inputs=max_len_inputs)
+  return hyps, task.score(hyps, list(text[1]), text)

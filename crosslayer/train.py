@@ -30,7 +30,7 @@ _jsonable = workdir_lib.jsonable
 
 
 # ----------------------------------------------------------------------------
-# Workdir helpers.
+# Model, optimizer, train step, state, vocabulary, input shards, config checks.
 # ----------------------------------------------------------------------------
 def tokenizer_path(workdir: Path, config) -> Path:
   return Path(workdir) / "vocab" / f"spm_{config.data.vocab_size}.model"
@@ -264,38 +264,206 @@ def check_config(config) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Pieces of the loop: each takes what it needs as arguments.
+# ----------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+  """Writes `obj` as indented JSON atomically (a reader never sees half a file)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2))
+  tmp.replace(path)
+
+
+def eval_texts(config, task) -> dict[str, tuple]:
+  """{split: the task's (sources, references, ...)}, cut to config.data.eval_examples."""
+  d = config.data
+  return {s: tuple(_head(x, d.eval_examples) for x in task.read_split(config, s))
+          for s in d.eval_splits}
+
+
+def shared_tokenizer(workdir: Path, config, texts, is_main: bool):
+  """The run's vocabulary: process 0 trains (or loads) and writes it, then the others load it."""
+  if not is_main:
+    distributed.barrier("vocabulary")
+  tok = load_tokenizer(workdir, config, texts)
+  if is_main:
+    distributed.barrier("vocabulary")
+  return tok
+
+
+def encode(tok, config, sources, targets) -> list:
+  """Tokenized (source, target) examples, cut to the configured maximum lengths."""
+  return pipeline.make_examples(tok.encode(sources), tok.encode(targets),
+                                max_len_inputs=config.data.max_len_inputs,
+                                max_len_targets=config.data.max_len_targets)
+
+
+def train_batches(config, examples, *, rows: int, num_shards: int, local_shards: list[int]):
+  """The training input: the global batch of `rows` rows is `num_shards` shards; this process
+  reads only the shards its devices hold, so any process count sees the same batches."""
+  d = config.data
+  return pipeline.ShardsIterator(
+      examples, batch_rows=len(local_shards) * rows // num_shards, shard_indices=local_shards,
+      shard_count=num_shards, max_len_inputs=d.max_len_inputs, max_len_targets=d.max_len_targets,
+      seed=config.seed)
+
+
+def eval_batches(config, examples) -> list:
+  """Fixed-shape teacher-forcing batches of an eval split."""
+  d = config.data
+  return pipeline.eval_batches(examples, batch_rows=config.decode.eval_batch_rows,
+                               max_len_inputs=d.max_len_inputs, max_len_targets=d.max_len_targets)
+
+
+def init_or_restore(mngr, abstract, init_fn, train_iter, *, seed: int, num_shards: int):
+  """(train state, meta, step) of the latest checkpoint, with `train_iter` moved to where
+  that run's input was; or a new state at step 0."""
+  step = mngr.latest_step()
+  if step is None:
+    meta = {"train_seconds": 0.0, "train_tokens": 0, "rng_seed": seed}
+    return init_fn(jax.random.key(seed)), meta, 0
+  restored = checkpoint.restore(mngr, step, abstract)
+  train_iter.set_state(data_state_shards(restored["data"], num_shards))
+  logging.info("Resumed from step %d (%s)", step, mngr.directory)
+  return restored["state"], restored["meta"], step
+
+
+def put_batch(batch: dict, sharding, rows: int) -> dict:
+  """This process's rows of a batch -> global arrays of `rows` rows, sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (rows,) + v.shape[1:])
+          for k, v in batch.items()}
+
+
+def data_state(train_iter, num_shards: int) -> dict:
+  """Every shard's iterator state, gathered from the processes that read it (for resume)."""
+  merged = {}
+  for part in distributed.allgather_json({str(s): v for s, v in train_iter.get_state().items()}):
+    for s, v in part.items():
+      merged.setdefault(int(s), v)
+  return {"num_shards": num_shards, "shards": [merged[s] for s in range(num_shards)]}
+
+
+def fold_tokens(meta: dict, unfolded: list) -> None:
+  """Adds the token counts (device scalars) of the steps in `unfolded` to
+  meta["train_tokens"] and empties `unfolded` (counted lazily: no sync every step)."""
+  if unfolded:
+    meta["train_tokens"] += int(np.sum(jax.device_get(unfolded)))
+    unfolded.clear()
+
+
+def out_of_time(meta: dict, max_train_seconds) -> bool:
+  return bool(max_train_seconds) and meta["train_seconds"] >= max_train_seconds
+
+
+def train_metrics(step: int, pending: list[dict], meta: dict) -> dict:
+  """The train metrics logged for the steps since the last log: per-token means, the last
+  grad norm and learning rate, throughput so far. Raises on a non-finite loss or grad norm."""
+  sums = {k: np.stack([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+  weight = max(float(sums["weight"].sum()), 1.0)
+  values = {"loss": float(sums["loss"].sum()) / weight,
+            "nll": float(sums["nll"].sum()) / weight,
+            "accuracy": float(sums["correct"].sum()) / weight,
+            "grad_norm": float(sums["grad_norm"][-1]),
+            "learning_rate": float(sums["learning_rate"][-1]),
+            "tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9)}
+  if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
+    raise FloatingPointError(f"step {step}: loss {values['loss']}, grad norm "
+                             f"{values['grad_norm']} (lower config.train.learning_rate?)")
+  return values
+
+
+class MetricWriter:
+  """metrics.jsonl lines and TensorBoard scalars `<kind>/<name>`, written by process 0
+  (on the other processes every call does nothing)."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.enabled = enabled
+    self._tb = SummaryWriter(str(workdir / "tensorboard")) if enabled else None
+    self._jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None
+
+  def write(self, step: int, kind: str, train_seconds: float, values: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, "kind": kind,
+                                  "train_seconds": round(train_seconds, 3), **values}) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(f"{kind}/{k}", v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def on_one_device(params, mesh):
+  """Beam search runs on one device: XLA:CPU cannot yet SPMD-partition its top-k."""
+  return jax.device_put(params, jax.local_devices()[0]) if mesh.size > 1 else params
+
+
+def eval_params(state):
+  """One process: the params on the mesh. Several: every host gathers them onto its first
+  device and evaluates everything there (redundant, but no cross-host decoding)."""
+  return distributed.gather_params(state["params"])
+
+
+def validate(state, step: int, writer: MetricWriter, train_seconds: float, *, eval_step,
+             predict, tok, task, text, batches, config, mesh) -> float:
+  """Loss on config.data.valid_split, and every config.train.bleu_every steps the task's
+  scores of decoded outputs, logged as "eval_<split>"; returns the loss."""
+  # Nothing else in flight: on forced host devices (XLA:CPU) the collectives of a train
+  # step still running and of the eval steps can starve each other's rendezvous.
+  jax.block_until_ready(state)
+  params = eval_params(state)
+  kind = f"eval_{config.data.valid_split}"
+  out = evaluate.eval_loss(eval_step, params, batches)
+  writer.write(step, kind, train_seconds, {k: out[k] for k in ("loss", "accuracy", "perplexity")})
+  if config.train.bleu_every and step % config.train.bleu_every == 0:
+    _, scores = evaluate.decode_and_score(
+        predict, on_one_device(params, mesh), tok, task, text,
+        batch_rows=config.decode.batch_rows, max_len_inputs=config.data.max_len_inputs)
+    writer.write(step, kind, train_seconds, scalars(scores))
+  return out["loss"]
+
+
+def evaluate_split(params, *, eval_step, predict, tok, task, text, batches, config,
+                   mesh) -> tuple[list[str], dict]:
+  """(decoded outputs, results) of one eval split: loss, the task's scores, accuracy,
+  perplexity and the number of examples."""
+  out = evaluate.eval_loss(eval_step, params, batches)
+  hyps, scores = evaluate.decode_and_score(
+      predict, on_one_device(params, mesh), tok, task, text,
+      batch_rows=config.decode.batch_rows, max_len_inputs=config.data.max_len_inputs)
+  return hyps, {"loss": out["loss"], **scores, "accuracy": out["accuracy"],
+                "perplexity": out["perplexity"], "num_examples": len(text[0])}
+
+
+# ----------------------------------------------------------------------------
 # Train and evaluate.
 # ----------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str | Path) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates; returns results."""
+  import tqdm  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir)
   t, d = config.train, config.data
   task = tasks.get(config.task)
 
-  # --- Validate everything before writing anything. -------------------------
+  # ---- Validate everything (config, mesh, workdir, data) before writing anything.
   checked = check_config(config)
-  tx, schedule, mesh, rules = (checked[k] for k in ("tx", "schedule", "mesh", "rules"))
-  rows, num_shards, local_shards = checked["rows"], checked["num_shards"], checked["local_shards"]
-  batch_sharding = checked["batch_sharding"]
-  len_in, len_tgt = d.max_len_inputs, d.max_len_targets
+  tx, schedule, mesh, rules, rows, num_shards, batch_sharding = (checked[k] for k in (
+      "tx", "schedule", "mesh", "rules", "rows", "num_shards", "batch_sharding"))
   check_workdir(workdir, config)
   train_src, train_tgt = training_pairs(config)
-  eval_text = {s: tuple(_head(x, d.eval_examples) for x in task.read_split(config, s))
-               for s in d.eval_splits}
+  eval_text = eval_texts(config, task)
 
-  # --- Workdir, vocabulary, data. --------------------------------------------
+  # ---- Workdir, vocabulary, data.
   # Several processes share the workdir (a shared filesystem): process 0 writes it.
   is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main and not (workdir / "config.json").exists():
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(config.to_dict()), indent=2))
-    tmp.replace(workdir / "config.json")
-  if not is_main:
-    distributed.barrier("vocabulary")  # process 0 trains and writes the vocabulary first
-  tok = load_tokenizer(workdir, config, lambda: train_src + train_tgt)
-  if is_main:
-    distributed.barrier("vocabulary")
+    _write_json(workdir / "config.json", _jsonable(config.to_dict()))
+  tok = shared_tokenizer(workdir, config, lambda: train_src + train_tgt, is_main)
   cfg = model_config(config, tok.vocab_size)
   partitioning.validate(mesh.shape, cfg, rules,  # a small corpus can give a smaller vocabulary
                         vocab_field=f"config.data.vocab_size (trained: {tok.vocab_size})")
@@ -303,134 +471,41 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   scheds = sharing.describe(sharing.resolve_schedules(config.model))
   logging.info("Schedules: %s", scheds)
   logging.info("Parameters: %d unique, %d effective", counts["unique"], counts["effective"])
+  train_iter = train_batches(config, encode(tok, config, train_src, train_tgt), rows=rows,
+                             num_shards=num_shards, local_shards=checked["local_shards"])
+  eval_data = {s: eval_batches(config, encode(tok, config, *eval_text[s][:2]))
+               for s in d.eval_splits}
 
-  def examples(src, tgt):
-    return pipeline.make_examples(tok.encode(src), tok.encode(tgt),
-                                  max_len_inputs=d.max_len_inputs,
-                                  max_len_targets=d.max_len_targets)
-
-  # The global batch is `num_shards` shards of rows // num_shards rows; this process
-  # reads only the shards its devices hold, so any process count sees the same batches.
-  train_examples = examples(train_src, train_tgt)
-  train_iter = pipeline.ShardsIterator(
-      train_examples, batch_rows=len(local_shards) * rows // num_shards,
-      shard_indices=local_shards, shard_count=num_shards, max_len_inputs=len_in,
-      max_len_targets=len_tgt, seed=config.seed)
-  eval_batches = {s: pipeline.eval_batches(examples(*eval_text[s][:2]),
-                                           batch_rows=config.decode.eval_batch_rows,
-                                           max_len_inputs=d.max_len_inputs,
-                                           max_len_targets=d.max_len_targets)
-                  for s in d.eval_splits}
-
-  # --- State: init or restore. ------------------------------------------------
+  # ---- State: init, or restore the latest checkpoint (state, input position, meta).
   abstract, state_sharding, init_fn = create_state(
-      cfg, tx, mesh, rules, config.seed, len_in, len_tgt)
+      cfg, tx, mesh, rules, config.seed, d.max_len_inputs, d.max_len_targets)
   mngr = checkpoint.manager(workdir, t.keep_checkpoints)
-  meta = {"train_seconds": 0.0, "train_tokens": 0, "rng_seed": config.seed}
-  start = mngr.latest_step()
-  if start is not None:
-    restored = checkpoint.restore(mngr, start, abstract)
-    state = restored["state"]
-    train_iter.set_state(data_state_shards(restored["data"], num_shards))
-    meta = restored["meta"]
-    logging.info("Resumed from step %d (%s)", start, mngr.directory)
-  else:
-    state = init_fn(jax.random.key(config.seed))
-    start = 0
-
+  state, meta, start = init_or_restore(mngr, abstract, init_fn, train_iter, seed=config.seed,
+                                       num_shards=num_shards)
   train_step = jax.jit(
       make_train_step(cfg, tx, schedule, label_smoothing=t.label_smoothing,
                       grad_accum=t.grad_accum, seed=config.seed),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
       donate_argnums=0)
   eval_step = evaluate.make_eval_step(cfg)
-  dec = config.decode
   predict = evaluate.predict_fn_from_config(cfg, config)
-  step_flops = flops.train_step_flops(cfg, rows, len_in, len_tgt)
+  writer = MetricWriter(workdir, is_main)
 
-  def put(batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v, (rows,) + v.shape[1:])
-            for k, v in batch.items()}
-
-  # --- Metrics writers. ---------------------------------------------------------
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  writer = SummaryWriter(str(workdir / "tensorboard")) if is_main else None
-  metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None
-
-  def log(step, kind, values):
-    if not is_main:
-      return
-    metrics_file.write(json.dumps({"step": step, "kind": kind,
-                                   "train_seconds": round(meta["train_seconds"], 3),
-                                   **values}) + "\n")
-    metrics_file.flush()
-    for k, v in values.items():
-      writer.add_scalar(f"{kind}/{k}", v, step)
-    writer.flush()
-
-  def on_one_device(params):
-    """Beam search runs on one device: XLA:CPU cannot yet SPMD-partition its top-k."""
-    return jax.device_put(params, jax.local_devices()[0]) if mesh.size > 1 else params
-
-  def eval_params():
-    """One process: the params on the mesh. Several: every host gathers them onto its first
-    device and evaluates everything there (redundant, but no cross-host decoding)."""
-    return distributed.gather_params(state["params"])
-
-  def validate(step):
-    # Nothing else in flight: on forced host devices (XLA:CPU) the collectives of a train
-    # step still running and of the eval steps can starve each other's rendezvous.
-    jax.block_until_ready(state)
-    params = eval_params()
-    out = evaluate.eval_loss(eval_step, params, eval_batches[d.valid_split])
-    log(step, f"eval_{d.valid_split}", {k: out[k] for k in ("loss", "accuracy", "perplexity")})
-    if t.bleu_every and step % t.bleu_every == 0:
-      hyps = evaluate.decode_texts(predict, on_one_device(params), tok,
-                                   list(eval_text[d.valid_split][0]),
-                                   batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
-      scores = task.score(hyps, list(eval_text[d.valid_split][1]), eval_text[d.valid_split])
-      log(step, f"eval_{d.valid_split}", scalars(scores))
-    return out["loss"]
-
-  unfolded = []  # token counts (device scalars) of steps not yet in meta["train_tokens"]
-
-  def fold_tokens():
-    if unfolded:
-      meta["train_tokens"] += int(np.sum(jax.device_get(unfolded)))
-      unfolded.clear()
-
-  def data_state():
-    """Every shard's iterator state, gathered from the processes that read it."""
-    merged = {}
-    for part in distributed.allgather_json({str(s): v for s, v in train_iter.get_state().items()}):
-      for s, v in part.items():
-        merged.setdefault(int(s), v)
-    return {"num_shards": num_shards, "shards": [merged[s] for s in range(num_shards)]}
-
-  def save(step, val_loss=None):
-    fold_tokens()  # meta is exact in every checkpoint
-    checkpoint.save(mngr, step, state, data_state(), meta, val_loss)
-
-  def out_of_time():
-    return bool(t.max_train_seconds) and meta["train_seconds"] >= t.max_train_seconds
-
-  # --- Train. ---------------------------------------------------------------------
-  stop = _Stop()
-  step = start
-  pending = []
+  # ---- Train.
+  # Decisions taken on wall-clock time or a signal are agreed by all processes (OR): every
+  # step with one process, at train log steps (a sync point anyway) with several.
+  multi = jax.process_count() > 1
+  stop = _Stop()  # SIGTERM: save a checkpoint and return
+  step, pending, unfolded = start, [], []  # metrics not yet logged; token counts not in meta
   last_save = time.time()
   bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not is_main, dynamic_ncols=True,
                   desc="train")
   loop_start, loop_seconds_before = time.time(), meta["train_seconds"]
-  # Decisions taken on wall-clock time or a signal, agreed by all processes (OR): every
-  # step with one process, at train log steps (a sync point anyway) with several.
-  multi = jax.process_count() > 1
-  flags = {"stop": False, "out_of_time": out_of_time(), "save_due": False}
+  flags = {"stop": False, "out_of_time": out_of_time(meta, t.max_train_seconds),
+           "save_due": False}
   try:
     while step < t.num_steps and not flags["out_of_time"]:
-      batch = next(train_iter)
-      state, metrics = train_step(state, put(batch))
+      state, metrics = train_step(state, put_batch(next(train_iter), batch_sharding, rows))
       if pending:  # at most two steps in flight: timing stays honest, SIGTERM saves promptly
         jax.block_until_ready(pending[-1])
       pending.append(metrics)
@@ -440,31 +515,26 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       meta["train_seconds"] = loop_seconds_before + time.time() - loop_start
       log_step = step % t.log_every == 0 or step == t.num_steps
       if log_step:
-        sums = {k: np.stack([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+        fold_tokens(meta, unfolded)
+        values = train_metrics(step, pending, meta)
         pending = []
-        fold_tokens()
-        weight = max(float(sums["weight"].sum()), 1.0)
-        values = {"loss": float(sums["loss"].sum()) / weight,
-                  "nll": float(sums["nll"].sum()) / weight,
-                  "accuracy": float(sums["correct"].sum()) / weight,
-                  "grad_norm": float(sums["grad_norm"][-1]),
-                  "learning_rate": float(sums["learning_rate"][-1]),
-                  "tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9)}
-        if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
-          raise FloatingPointError(f"step {step}: loss {values['loss']}, grad norm "
-                                   f"{values['grad_norm']} (lower config.train.learning_rate?)")
-        log(step, "train", values)
-        bar.set_postfix(loss=f"{values['loss']:.3f}",
-                        tok_s=f"{values['tokens_per_second']:.0f}")
+        writer.write(step, "train", meta["train_seconds"], values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}")
       if log_step or not multi:
         flags = distributed.any_process({
-            "stop": stop.requested, "out_of_time": out_of_time(),
+            "stop": stop.requested, "out_of_time": out_of_time(meta, t.max_train_seconds),
             "save_due": time.time() - last_save >= t.checkpoint_every_seconds})
       evaluating = step % t.eval_every == 0 or step == t.num_steps
       if evaluating or flags["stop"] or flags["save_due"] or step % t.checkpoint_every == 0:
         paused = time.time()
-        val_loss = validate(step) if evaluating else None
-        save(step, val_loss)
+        val_loss = None
+        if evaluating:
+          val_loss = validate(
+              state, step, writer, meta["train_seconds"], eval_step=eval_step, predict=predict,
+              tok=tok, task=task, text=eval_text[d.valid_split],
+              batches=eval_data[d.valid_split], config=config, mesh=mesh)
+        fold_tokens(meta, unfolded)  # meta is exact in every checkpoint
+        checkpoint.save(mngr, step, state, data_state(train_iter, num_shards), meta, val_loss)
         flags["save_due"] = False
         last_save = time.time()
         loop_start += last_save - paused  # evaluation and saving are not training time
@@ -474,7 +544,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       logging.info("Stopping at step %d: max_train_seconds=%s reached", step,
                    t.max_train_seconds)
     if step != (mngr.latest_step() or 0) and not flags["stop"]:
-      save(step)  # stopped by max_train_seconds between checkpoints
+      # Stopped by max_train_seconds between checkpoints.
+      fold_tokens(meta, unfolded)
+      checkpoint.save(mngr, step, state, data_state(train_iter, num_shards), meta)
     mngr.wait_until_finished()
   finally:
     bar.close()
@@ -484,22 +556,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     logging.warning("Stopped by signal at step %d; run the same command to resume.", step)
     return {}
 
-  # --- Final evaluation. --------------------------------------------------------------
-  decode_dir = workdir / "decode"
-  decode_dir.mkdir(exist_ok=True)
+  # ---- Final evaluation: every eval split; outputs to decode/<split>.txt, results.json.
+  (workdir / "decode").mkdir(exist_ok=True)
+  params = eval_params(state)
   results_eval = {}
-  params = eval_params()
   for split in d.eval_splits:
-    sources, references = eval_text[split][:2]
-    out = evaluate.eval_loss(eval_step, params, eval_batches[split])
-    hyps = evaluate.decode_texts(predict, on_one_device(params), tok, list(sources),
-                                 batch_rows=dec.batch_rows, max_len_inputs=d.max_len_inputs)
-    scores = task.score(hyps, list(references), eval_text[split])
+    hyps, results_eval[split] = evaluate_split(
+        params, eval_step=eval_step, predict=predict, tok=tok, task=task, text=eval_text[split],
+        batches=eval_data[split], config=config, mesh=mesh)
     if is_main:
-      (decode_dir / f"{split}.txt").write_text("".join(h + "\n" for h in hyps))
-    results_eval[split] = {"loss": out["loss"], **scores, "accuracy": out["accuracy"],
-                           "perplexity": out["perplexity"], "num_examples": len(sources)}
-    log(step, f"final_{split}", scalars(results_eval[split]))
+      (workdir / "decode" / f"{split}.txt").write_text("".join(h + "\n" for h in hyps))
+    writer.write(step, f"final_{split}", meta["train_seconds"], scalars(results_eval[split]))
     logging.info("%s: %s", split, results_eval[split])
   results = {
       "task": config.task, "dataset": d.dataset, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
@@ -507,13 +574,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       "effective_params": counts["effective"], "train_seconds": meta["train_seconds"],
       "train_tokens": meta["train_tokens"],
       "train_tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9),
-      "train_flops": step_flops * step, "schedules": scheds, "eval": results_eval,
-      "git_commit": workdir_lib.git_commit(), "config": _jsonable(config.to_dict()),
+      "train_flops": flops.train_step_flops(cfg, rows, d.max_len_inputs, d.max_len_targets) * step,
+      "schedules": scheds, "eval": results_eval, "git_commit": workdir_lib.git_commit(),
+      "config": _jsonable(config.to_dict()),
   }
   if is_main:
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(workdir / "results.json")
-    metrics_file.close()
+    _write_json(workdir / "results.json", results)
     writer.close()
   return results
