@@ -1,5 +1,6 @@
-"""crosslayer: cross-layer parameter sharing in encoder-decoder Transformers (JAX/Flax)."""
+"""crosslayer: cross-layer parameter sharing in encoder-decoder Transformers (JAX/Flax).
 
-from crosslayer import host_memory
-
-KEEPS_HEAP = host_memory.keep_heap()  # before JAX starts its threads; see host_memory.py
+Importing the package changes nothing in the process: the host allocator setting
+(`host_memory.keep_heap`) is applied by the entry points (`crosslayer.main`,
+`crosslayer.decode`, `crosslayer.sweep`, `crosslayer.bench`), not by `import crosslayer`.
+"""

@@ -31,6 +31,8 @@ def component_size(cfg: TransformerConfig, stack: str, component: str) -> int:
     return NORMS_PER_LAYER[stack] * 2 * d
   if component == "position":
     return cfg.max_len * d
+  if component == "halting":  # ACT's halting unit: sigmoid(state . kernel + bias)
+    return d + 1
   raise ValueError(f"unknown component {component!r}")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
-from crosslayer import cpu_threads  # noqa: E402
+from crosslayer import cpu_threads, host_memory  # noqa: E402
 
 THREADS = cpu_threads.configure()  # before JAX starts its CPU backend
 
@@ -144,6 +144,7 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info(host_memory.configure())  # before JAX starts its backend's threads
   from crosslayer import checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   if THREADS:

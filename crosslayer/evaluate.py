@@ -20,11 +20,14 @@ def make_eval_step(cfg: TransformerConfig):
 
   @jax.jit
   def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
-                         batch["inputs_position"], batch["targets_position"],
-                         batch["inputs_segmentation"], batch["targets_segmentation"])
+    logits, mutated = model.apply({"params": params}, batch["inputs"], batch["targets"],
+                                  batch["inputs_position"], batch["targets_position"],
+                                  batch["inputs_segmentation"], batch["targets_segmentation"],
+                                  mutable=["ponder"])
     weights = (batch["targets"] > 0).astype(jnp.float32)
-    return losses.cross_entropy(logits, batch["targets"], weights)
+    sums = losses.cross_entropy(logits, batch["targets"], weights)
+    ponder = losses.ponder_sums(mutated.get("ponder", {}), cfg)  # ACT only; sums, so they add
+    return {**sums, "ponder": ponder} if ponder else sums
   return eval_step
 
 
@@ -40,8 +43,11 @@ def eval_loss(eval_step, params, batches) -> dict:
   sums = jax.device_get(sums)
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["nll"]) / weight
-  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
-          "perplexity": float(np.exp(min(loss, 50.0))), "tokens": int(sums["weight"])}
+  out = {"loss": loss, "accuracy": float(sums["correct"]) / weight,
+         "perplexity": float(np.exp(min(loss, 50.0))), "tokens": int(sums["weight"])}
+  if "ponder" in sums:  # ACT: {"encoder": {"mean", "max", "cost", "layers_run"}, ...}
+    out["ponder"] = losses.ponder_report(sums["ponder"])
+  return out
 
 
 def initial_cache(model: Transformer, params, encoded, inputs, max_len: int):

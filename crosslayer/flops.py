@@ -1,7 +1,10 @@
 """Analytic FLOP counts (a multiply-add = 2 FLOPs) for every *applied* layer.
 
 A parameter set applied by k layers counts k times. Causal self-attention counts
-only the query-key pairs that are not masked (t(t+1)/2 per head and row).
+only the query-key pairs that are not masked (t(t+1)/2 per head and row). A stack with
+adaptive computation time (a `halting` schedule) adds its halting unit's dot product at
+every layer and counts every layer: training computes all of them for every position
+(halting only stops a position's output from changing; see model/act.py).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ def _attention(cfg: TransformerConfig, rows: int, t: int, s: int, *, self_attn: 
 def forward_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_targets: int) -> float:
   """FLOPs of one teacher-forced forward pass over a [rows, len] batch."""
   ffn = lambda t: 2 * 2 * rows * t * cfg.emb_dim * cfg.mlp_dim
+  halting = lambda schedules, t: (2 * rows * t * cfg.emb_dim
+                                  if any(c == "halting" for c, _ in schedules) else 0)
   enc = cfg.num_encoder_layers * (
       _attention(cfg, rows, len_inputs, len_inputs, self_attn=True, causal=False) +
-      ffn(len_inputs))
+      ffn(len_inputs) + halting(cfg.encoder_schedules, len_inputs))
   dec = cfg.num_decoder_layers * (
       _attention(cfg, rows, len_targets, len_targets, self_attn=True, causal=True) +
       _attention(cfg, rows, len_targets, len_inputs, self_attn=False, causal=False) +
-      ffn(len_targets))
+      ffn(len_targets) + halting(cfg.decoder_schedules, len_targets))
   logits = 2 * rows * len_targets * cfg.emb_dim * cfg.vocab_size
   copy = 0
   if cfg.copy_head:  # query, key and gate projections; scores; copy weights onto the vocabulary

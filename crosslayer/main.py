@@ -13,7 +13,7 @@ if os.environ.get("CROSSLAYER_CPUS"):  # "0,1": run on these cores only (the swe
   # worker slots); before JAX starts, whose CPU thread pools size themselves to the affinity
   os.sched_setaffinity(0, [int(c) for c in os.environ["CROSSLAYER_CPUS"].split(",")])
 
-from crosslayer import cpu_threads  # noqa: E402
+from crosslayer import cpu_threads, host_memory  # noqa: E402
 
 THREADS = cpu_threads.configure()  # before JAX starts its CPU backend
 
@@ -30,8 +30,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  heap = host_memory.configure()  # before JAX starts its backend's threads
   from crosslayer import checkpoint, distributed, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
+  logging.info(heap)
   if THREADS:
     logging.info(THREADS)
   if os.environ.get("CROSSLAYER_CPUS"):

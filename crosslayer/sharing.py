@@ -28,6 +28,11 @@ Strategies (N layers, M sets):
 
 Every strategy needs 1 <= M <= N. `num_sets == 0` means "the strategy's default"
 (N for `none`, 1 for `all`; the others have no default).
+
+Adaptive computation time (`config.model.act`, `crosslayer/model/act.py`) adds one more
+component to a stack, `halting` (the halting unit), which always follows the stack's
+schedule: one unit shared by every step with `all` (the Universal Transformer), one per
+set of the cycle with `cycle`, and so on.
 """
 
 from __future__ import annotations
@@ -191,6 +196,9 @@ def resolve_schedules(model_cfg: Any) -> dict[str, StackSchedules]:
       # one table for all layers ("shared") or one per layer ("per_layer").
       per_layer = _get(position, "layer_tables") == "per_layer"
       comp_scheds["position"] = tuple(range(n)) if per_layer else (0,) * n
+    act = _get(model_cfg, "act", None)
+    if act is not None and _get(act, stack, False):
+      comp_scheds["halting"] = sched  # ACT's halting unit follows the stack's schedule
     out[stack] = StackSchedules(n, comp_scheds)
   return out
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from crosslayer import workdir as workdir_lib
+from crosslayer import host_memory, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 ORIGINAL_ENV = dict(os.environ)  # the runs' environment (main() keeps this process off GPUs)
@@ -412,6 +412,7 @@ def main(argv):
     raise app.UsageError("usage: python -m crosslayer.sweep experiments/NAME.py --root=DIR "
                          "[--only=REGEX] [--dry_run] [--workers=K] [--shard=I/N] [--scale=cpu]")
   logging.set_verbosity(logging.INFO)
+  logging.info(host_memory.configure())  # before JAX starts its backend's threads
   # This process only plans and validates: keep it off the accelerators the runs use, with as
   # many (CPU) devices as one run gets, so that mesh shapes validate as they will there.
   gpus = local_gpus()

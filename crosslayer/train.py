@@ -72,13 +72,18 @@ def make_train_step(cfg, tx, schedule, *, label_smoothing: float, grad_accum: in
   base_rng = jax.random.key(seed + 1)
 
   def loss_fn(params, batch, rng):
-    logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
-                         batch["inputs_position"], batch["targets_position"],
-                         batch["inputs_segmentation"], batch["targets_segmentation"],
-                         rngs={"dropout": rng})
+    logits, mutated = model.apply({"params": params}, batch["inputs"], batch["targets"],
+                                  batch["inputs_position"], batch["targets_position"],
+                                  batch["inputs_segmentation"], batch["targets_segmentation"],
+                                  rngs={"dropout": rng}, mutable=["ponder"])
     weights = (batch["targets"] > 0).astype(jnp.float32)
     sums = losses.cross_entropy(logits, batch["targets"], weights, label_smoothing)
-    return sums["loss"], sums
+    # ACT (config.model.act): + tau * mean ponder cost per ACT stack, scaled by the target
+    # weight since train_step divides the gradients by it. {} / 0 without ACT.
+    ponder = losses.ponder_sums(mutated.get("ponder", {}), cfg)
+    if ponder:
+      sums["ponder"] = ponder
+    return sums["loss"] + losses.ponder_loss(ponder, cfg.act_ponder_cost) * sums["weight"], sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -215,9 +220,12 @@ class _Stop:
 
 
 def scalars(scores: dict) -> dict:
-  """The metrics to log: float values, and per-task errors as "error/qa1", ... (QA)."""
+  """The metrics to log: float values, per-task errors as "error/qa1", ... (QA), ponder
+  statistics as "ponder/encoder/mean", ... (ACT)."""
   out = {k: v for k, v in scores.items() if isinstance(v, float)}
   out.update({f"error/{k}": float(v) for k, v in scores.get("per_task_error", {}).items()})
+  out.update({f"ponder/{stack}/{k}": float(v) for stack, r in scores.get("ponder", {}).items()
+              for k, v in r.items()})
   if "failed_tasks" in scores:
     out["failed_tasks"] = float(scores["failed_tasks"])
   return out
@@ -357,7 +365,8 @@ def out_of_time(meta: dict, max_train_seconds) -> bool:
 def train_metrics(step: int, pending: list[dict], meta: dict) -> dict:
   """The train metrics logged for the steps since the last log: per-token means, the last
   grad norm and learning rate, throughput so far. Raises on a non-finite loss or grad norm."""
-  sums = {k: np.stack([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+  pending = jax.device_get(pending)
+  sums = {k: np.stack([m[k] for m in pending]) for k in pending[0] if k != "ponder"}
   weight = max(float(sums["weight"].sum()), 1.0)
   values = {"loss": float(sums["loss"].sum()) / weight,
             "nll": float(sums["nll"].sum()) / weight,
@@ -365,6 +374,10 @@ def train_metrics(step: int, pending: list[dict], meta: dict) -> dict:
             "grad_norm": float(sums["grad_norm"][-1]),
             "learning_rate": float(sums["learning_rate"][-1]),
             "tokens_per_second": meta["train_tokens"] / max(meta["train_seconds"], 1e-9)}
+  if "ponder" in pending[0]:  # ACT: ponder/<stack>/{mean,max,cost,layers_run}
+    total = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *[m["ponder"] for m in pending])
+    values.update({f"ponder/{stack}/{k}": v for stack, r in losses.ponder_report(total).items()
+                   for k, v in r.items()})
   if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
     raise FloatingPointError(f"step {step}: loss {values['loss']}, grad norm "
                              f"{values['grad_norm']} (lower config.train.learning_rate?)")
@@ -418,7 +431,10 @@ def validate(state, step: int, writer: MetricWriter, train_seconds: float, *, ev
   params = eval_params(state)
   kind = f"eval_{config.data.valid_split}"
   out = evaluate.eval_loss(eval_step, params, batches)
-  writer.write(step, kind, train_seconds, {k: out[k] for k in ("loss", "accuracy", "perplexity")})
+  values = {k: out[k] for k in ("loss", "accuracy", "perplexity")}
+  values.update({f"ponder/{stack}/{k}": float(v)  # ACT: ponder/<stack>/{mean,max,cost,...}
+                 for stack, r in out.get("ponder", {}).items() for k, v in r.items()})
+  writer.write(step, kind, train_seconds, values)
   if config.train.bleu_every and step % config.train.bleu_every == 0:
     _, scores = evaluate.decode_and_score(
         predict, on_one_device(params, mesh), tok, task, text,
@@ -436,7 +452,8 @@ def evaluate_split(params, *, eval_step, predict, tok, task, text, batches, conf
       predict, on_one_device(params, mesh), tok, task, text,
       batch_rows=config.decode.batch_rows, max_len_inputs=config.data.max_len_inputs)
   return hyps, {"loss": out["loss"], **scores, "accuracy": out["accuracy"],
-                "perplexity": out["perplexity"], "num_examples": len(text[0])}
+                "perplexity": out["perplexity"], "num_examples": len(text[0]),
+                **({"ponder": out["ponder"]} if "ponder" in out else {})}
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,8 @@ RUN_IDENTITY = ("task", "seed", "data.dataset", "data.src_lang", "data.tgt_lang"
                 "data.train_examples", "data.tasks", "data.max_story_sentences",
                 "data.valid_fraction", "data.encoding", "model")
 # Fields that change speed or memory but not what is computed: not part of the identity.
-SPEED_ONLY = ("model.scan_layers", "model.remat", "model.decode_scan", "model.kernels")
+SPEED_ONLY = ("model.scan_layers", "model.remat", "model.decode_scan", "model.kernels",
+              "model.act.early_exit")
 
 
 def jsonable(x):

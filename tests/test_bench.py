@@ -38,20 +38,23 @@ def test_analytic_flops_equal_a_hand_count():
 @pytest.mark.slow
 @pytest.mark.parametrize("suite,args,keys", [
     ("compile", ["--layers=3,4", "--strategies=none,cycle_rev"],
-     {"name", "strategy", "num_layers", "compile_seconds", "unique_params", "effective_params"}),
+     {"name", "strategy", "num_layers", "compile_seconds", "unique_params", "effective_params",
+      "kernels"}),
     ("train", ["--strategies=none"],
      {"name", "scan_layers", "step_seconds", "minor_page_faults_per_step", "system_seconds_per_step",
       "keeps_heap", "tokens_per_second", "peak_flops", "achieved_flops", "mfu",
-      "analytic_flops", "xla_flops"}),
+      "analytic_flops", "xla_flops", "kernels"}),
+    ("train", ["--strategies=none", "--kernels=xla", "--scan_layers=true"],
+     {"name", "scan_layers", "step_seconds", "kernels"}),
     ("memory", ["--strategies=none,all", "--layers=3"],
-     {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params"}),
+     {"name", "params_bytes", "optimizer_bytes", "temp_bytes", "unique_params", "kernels"}),
     ("decode", ["--decode_batches=1,2", "--decode_len=5"],
-     {"name", "search", "batch", "tokens_per_second", "cache_bytes"}),
+     {"name", "search", "batch", "tokens_per_second", "cache_bytes", "kernels"}),
     ("dropout", [], {"name", "impl", "elements", "seconds", "ns_per_element", "matmul_seconds"}),
     ("matmul", [], {"name", "impl", "size", "rows", "k", "n", "seconds", "flops_per_second",
                     "peak_flops"}),
     ("profile", ["--scan_layers=true,false"],
-     {"name", "size", "scan_layers", "part", "kind", "seconds_per_step", "share"}),
+     {"name", "size", "scan_layers", "part", "kind", "seconds_per_step", "share", "kernels"}),
 ])
 def test_suite_prints_json_lines(suite, args, keys):
   cmd = [sys.executable, "-m", "crosslayer.bench", suite, "--sizes=tiny", "--vocab=50",
@@ -64,7 +67,12 @@ def test_suite_prints_json_lines(suite, args, keys):
   if suite == "compile":
     assert {(r["strategy"], r["num_layers"]) for r in rows} == {
         ("none", 3), ("none", 4), ("cycle_rev", 3), ("cycle_rev", 4)}
-  if suite == "train":  # the rolled scan and the unrolled layers, a row each
+  if suite not in ("dropout", "matmul"):  # model rows: the kernel path resolved (CPU here)
+    assert {r["kernels"] for r in rows} == {"xla" if "--kernels=xla" in args else "cpu"}
+  if suite == "train" and "--kernels=xla" in args:  # stock ops; the heap kept by the entry point
+    assert [r["scan_layers"] for r in rows] == [True] and rows[0]["keeps_heap"] is (
+        sys.platform.startswith("linux"))
+  elif suite == "train":  # the rolled scan and the unrolled layers, a row each
     assert [r["scan_layers"] for r in rows] == [True, False]
     assert rows[0]["analytic_flops"] == rows[1]["analytic_flops"]
   if suite == "profile":  # op time by model part; the matmuls of the layers are found
@@ -123,6 +131,7 @@ def test_vs_flax_wmt_prints_json_lines():
     assert next(iter(r)) == "name" and r["name"] == "vs_flax_wmt"
     assert COMPARE_KEYS <= set(r)
     assert r["speedup"] == pytest.approx(r["theirs_seconds"] / r["ours_seconds"])
+    assert r["config"]["kernels"] == "cpu"  # --kernels=auto on the CPU backend
     if r["what"] != "compile":
       assert {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
   train, train_unrolled, compile_, decode = rows
@@ -158,6 +167,7 @@ def test_vs_torch_prints_json_lines():
     assert r["name"] == "vs_torch" and next(iter(r)) == "name"
     assert COMPARE_KEYS | {"ours_tokens_per_second", "theirs_tokens_per_second"} <= set(r)
     assert r["what"] == "train_step" and r["config"]["size"] == "tiny"
+    assert r["config"]["kernels"] == "cpu"  # --kernels=auto on the CPU backend
 
 
 def test_vs_torch_without_torch_prints_one_skipped_line(tmp_path):

@@ -130,3 +130,21 @@ def test_feed_forward_keeps_its_hidden_activation_once():
   shapes = [r.shape for r in jax.tree.leaves(pullback)]
   assert shapes.count((15, 12)) == 1, shapes
   assert not [r for r in jax.tree.leaves(pullback) if r.dtype == jnp.bool_]
+
+
+def test_stock_path_draws_flax_dropouts_mask():
+  """kernels="xla": flax.linen.Dropout's mask (jax.random.bernoulli of the same `dropout`
+  draw), relu first with relu=True, and no custom VJP; kernels="cpu": the hashed mask."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (6, 40))
+  rngs = {"dropout": jax.random.key(5)}
+  run = lambda module, x: module.apply({}, x, deterministic=False, rngs=rngs)
+  flax_out = run(nn.Dropout(0.3), x)
+  np.testing.assert_array_equal(run(dropout.Dropout(0.3, kernels="xla"), x), flax_out)
+  np.testing.assert_array_equal(run(dropout.Dropout(0.3, relu=True, kernels="xla"), x),
+                                run(nn.Dropout(0.3), jax.nn.relu(x)))
+  hashed = run(dropout.Dropout(0.3, kernels="cpu"), x)
+  assert not np.array_equal(hashed == 0, flax_out == 0)  # masks differ between the paths
+  grad = lambda kernels: jax.make_jaxpr(jax.grad(lambda x: jnp.sum(
+      run(dropout.Dropout(0.3, relu=True, kernels=kernels), x))))(x)
+  assert "custom_vjp" not in str(grad("xla")) and "custom_vjp" in str(grad("cpu"))

@@ -166,3 +166,17 @@ def test_projection_kernel_is_dense_generals_kernel(heads, head_dim, axes):
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
   np.testing.assert_array_equal(ours["query"]["kernel"].value, theirs["query"]["kernel"].value)
   assert ours["query"]["kernel"].names == theirs["query"]["kernel"].names == names
+
+
+def test_kernel_path_resolves_auto_by_backend(monkeypatch):
+  """config.model.kernels: "auto" is the CPU-tuned path on the CPU backend only (read at
+  trace time); "cpu" and "xla" hold everywhere; the dense layers' dot_general follows."""
+  from crosslayer.model import matmul as mm  # pylint: disable=g-import-not-at-top
+  for backend, auto in (("cpu", "cpu"), ("gpu", "xla"), ("tpu", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert [mm.kernel_path(k) for k in ("auto", "cpu", "xla")] == [auto, "cpu", "xla"]
+    assert mm.dot_general("auto") is (dense_dot_general if auto == "cpu" else None)
+  assert mm.dot_general("cpu") is dense_dot_general and mm.dot_general("xla") is None
+  with pytest.raises(ValueError, match="config.model.kernels: 'x' is not one of 'auto', 'xla', "
+                                       "'cpu'"):
+    mm.kernel_path("x")

@@ -405,3 +405,74 @@ def test_predict_unrolled_with_split_sets_equals_rolled_scan(name):
                                                max_len=6, length_penalty=0.6)(params, INPUTS))
            for scan in (False, True)]
     np.testing.assert_array_equal(out[0], out[1])
+
+
+# --- config.model.kernels: the CPU-tuned ops and stock Flax/JAX ops build one model. ------
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_kernels_equal_stock_ops(name):
+  """kernels="cpu" (custom VJPs, optimization barriers, our LayerNorm) and kernels="xla"
+  (nn.Dense / nn.LayerNorm / nn.Dropout, autodiff): the same param tree (names, shapes,
+  dtypes, logical axes) and, dropout off, the same outputs and gradients in float64."""
+  with jax.enable_x64(True):
+    cfgs = {k: tiny(**CASES[name], kernels=k) for k in ("cpu", "xla")}
+    boxed = {k: jax.eval_shape(Transformer(c).init, jax.random.key(0), INPUTS, TARGETS)["params"]
+             for k, c in cfgs.items()}
+    assert jax.tree.structure(boxed["cpu"]) == jax.tree.structure(boxed["xla"])
+    shapes = lambda p: jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(p))
+    assert shapes(boxed["cpu"]) == shapes(boxed["xla"])
+    assert nn.get_partition_spec(boxed["cpu"]) == nn.get_partition_spec(boxed["xla"])
+    rng = np.random.default_rng(0)  # random values (norm scales too): no compile of init
+    params = jax.tree.map(lambda x: rng.normal(0.0, 0.3, x.shape), nn.unbox(boxed["cpu"]))
+
+    def loss(kernels, p):
+      out = Transformer(cfgs[kernels]).apply({"params": p}, INPUTS, TARGETS)
+      return loss_from_logits(out), out
+    both = jax.jit(lambda p: {k: jax.value_and_grad(lambda q: loss(k, q), has_aux=True)(p)
+                              for k in cfgs})(params)  # one compile for both paths
+    ((_, a), ga), ((_, b), gb) = both["cpu"], both["xla"]
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12), ga, gb)
+
+
+def test_kernels_config_is_validated():
+  m = default_model_config()
+  assert from_config(m).kernels == "auto"
+  m.kernels = "x"
+  with pytest.raises(ValueError, match=r"^config\.model\.kernels: 'x' is not one of 'auto', "
+                                       r"'xla', 'cpu'$"):
+    from_config(m)
+
+
+def _tuned_ops(fn, *args) -> set:
+  """The CPU path's marks in the jaxpr of fn's value and gradient: custom VJPs (matmul,
+  layer norm, dropout) and optimization barriers (the matmul's backward pass)."""
+  import re  # pylint: disable=g-import-not-at-top
+  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(fn))(*args))
+  return set(re.findall(r"\b(custom_vjp_call\w*|optimization_barrier)\b", jaxpr))
+
+
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_stock_ops_have_no_custom_vjps_or_barriers(kernels):
+  """kernels="xla": no custom VJP and no optimization barrier in a decoder layer with
+  dropout on (attention, feed-forward, norms, dropout) nor in the whole model with dropout
+  on (embedding dropout, tied and untied logits, copy head, final norm); kernels="cpu":
+  both."""
+  cfg = tiny(copy_head=True, kernels=kernels).replace(
+      dtype=jnp.float32, param_dtype=jnp.float32, dropout_rate=0.2, attention_dropout_rate=0.1)
+  layer = DecoderLayer(cfg.replace(deterministic=False))
+  y = jax.random.normal(jax.random.key(0), (2, 5, cfg.emb_dim))
+  mask = jnp.ones((2, 1, 5, 5), bool)
+  args = (y, {"sets": None, "layer": 0}, y, mask, mask, jnp.zeros((2, 5), jnp.int32), None)
+  rngs = {"params": jax.random.key(1), "dropout": jax.random.key(2)}
+  layer_params = layer.init(rngs, *args)
+  layer_ops = _tuned_ops(lambda p: jnp.sum(layer.apply(p, *args, rngs=rngs)[0]), layer_params)
+  model_ops = set()
+  for tie_output in (True, False):
+    model = Transformer(cfg.replace(deterministic=False, tie_output=tie_output))
+    params = jax.eval_shape(model.init, jax.random.key(0), INPUTS, TARGETS)
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), nn.unbox(params))
+    model_ops |= _tuned_ops(
+        lambda p: jnp.sum(model.apply(p, INPUTS, TARGETS, rngs={"dropout": rngs["dropout"]})),
+        params)
+  tuned = {"custom_vjp_call", "optimization_barrier"}
+  assert (layer_ops, model_ops) == ((tuned, tuned) if kernels == "cpu" else (set(), set()))

@@ -49,13 +49,21 @@ def test_bad_data_fields_fail_before_writing(tmp_path, field, value, message):
 
 @pytest.mark.slow
 def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
+  """...with ACT in the encoder (a Universal Transformer encoder: `all` + ACT), so that the
+  ponder cost, its logging and the early-exit evaluation run end to end too."""
   config = qa_configs.get_config("tiny")
+  config.model.sharing.strategy = "all"
+  config.model.act.encoder = True
+  num_layers = config.model.num_encoder_layers
   results = train.train_and_evaluate(config, tmp_path)
   assert results["task"] == "qa" and results["step"] == config.train.num_steps
   for split in ("valid", "test"):
     ev = results["eval"][split]
     assert {"loss", "accuracy", "answer_accuracy", "mean_error", "failed_tasks",
-            "per_task_error", "num_examples"} <= set(ev)
+            "per_task_error", "num_examples", "ponder"} <= set(ev)
+    ponder = ev["ponder"]["encoder"]
+    assert 1.0 <= ponder["mean"] <= ponder["max"] <= num_layers, ponder
+    assert set(ev["ponder"]) == {"encoder"}
     sources, refs, tasks = qa.read_split(config, split)
     hyps = (tmp_path / "decode" / f"{split}.txt").read_text().split("\n")[:-1]
     assert len(hyps) == len(refs) == ev["num_examples"]
@@ -85,3 +93,8 @@ def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
   assert final["error/qa1"] == pytest.approx(results["eval"]["test"]["per_task_error"]["qa1"])
   assert final["error/qa6"] == pytest.approx(results["eval"]["test"]["per_task_error"]["qa6"])
   assert final["failed_tasks"] == results["eval"]["test"]["failed_tasks"]
+  assert final["ponder/encoder/mean"] == pytest.approx(
+      results["eval"]["test"]["ponder"]["encoder"]["mean"])
+  train_lines = [l for l in lines if l["kind"] == "train"]
+  assert train_lines and all(1.0 <= l["ponder/encoder/mean"] <= num_layers for l in train_lines)
+  assert any("ponder/encoder/mean" in l for l in lines if l["kind"] == "eval_valid")

@@ -11,7 +11,7 @@ import sys
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent compilation cache
 
-from crosslayer import cpu_threads  # noqa: E402
+from crosslayer import cpu_threads, host_memory  # noqa: E402
 
 THREADS = cpu_threads.configure()  # before JAX starts its CPU backend (the mesh suite's child)
 
@@ -37,6 +37,9 @@ flags.DEFINE_list("scan_layers", None, "train, profile, vs_flax_wmt: our layers 
                   "scan (true) and/or unrolled (false; config.model.scan_layers), a row each; "
                   "default true,false (profile, vs_flax_wmt compile: true).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
+flags.DEFINE_enum("kernels", "auto", ["auto", "xla", "cpu"], "Our models' config.model.kernels: "
+                  "auto (CPU-tuned ops on the CPU backend), xla (stock Flax ops), cpu (tuned); "
+                  "rows report the resolved path. The dropout and matmul suites time both.")
 
 SUITES = ("compile, train, memory, decode, dropout, matmul, profile, mesh, vs_flax_wmt, "
           "vs_torch")
@@ -45,7 +48,9 @@ SUITES = ("compile, train, memory, decode, dropout, matmul, profile, mesh, vs_fl
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"usage: python -m crosslayer.bench SUITE [flags]; SUITE: {SUITES}")
+  heap = host_memory.configure()  # before JAX (imported by the suites) starts its threads
   from crosslayer.bench import suites  # pylint: disable=g-import-not-at-top
+  print(heap, file=sys.stderr)
   if THREADS:
     print(THREADS, file=sys.stderr)
   suite = argv[1]

@@ -14,6 +14,7 @@ import optax
 
 from crosslayer import partitioning, train
 from crosslayer.model.config import default_model_config, from_config
+from crosslayer.model.matmul import kernel_path
 
 # Strategies of the benchmarks and their M (M=3 where it is free).
 STRATEGY_SETS = {"none": 0, "all": 1, "sequence": 3, "cycle": 3, "cycle_rev": 3, "sandwich": 3}
@@ -33,7 +34,8 @@ def emit(row: dict) -> None:
 
 def model_cfg(size: str, *, vocab: int = 8000, strategy: str = "none", num_sets: int = 0,
               layers: int | None = None, dtype: str = "float32", max_len: int = 64,
-              dropout: float = 0.1, scan_layers: bool = True):
+              dropout: float = 0.1, scan_layers: bool = True, kernels: str = "auto"):
+  """(config.model, its TransformerConfig) of a benchmark size; `kernels`: --kernels."""
   d, f, h, n = SIZES[size]
   m = default_model_config()
   m.vocab_size, m.emb_dim, m.mlp_dim, m.num_heads = vocab, d, f, h
@@ -42,7 +44,14 @@ def model_cfg(size: str, *, vocab: int = 8000, strategy: str = "none", num_sets:
   m.dtype, m.max_len = dtype, max_len
   m.dropout_rate = m.attention_dropout_rate = dropout
   m.scan_layers = scan_layers
+  m.kernels = kernels
   return m, from_config(m)
+
+
+def kernels(cfg) -> str:
+  """The kernel path a model of `cfg` runs here (config.model.kernels resolved): "cpu"
+  (the CPU-tuned ops) or "xla" (stock Flax/JAX ops); every model row reports it."""
+  return kernel_path(cfg.kernels)
 
 
 def scan_layers(flags_, default=(True, False)) -> list[bool]:

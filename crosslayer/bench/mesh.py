@@ -28,7 +28,7 @@ from crosslayer.bench import common
 MESHES = ((1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2))
 NUM_DEVICES = 8
 _CHILD = "CROSSLAYER_BENCH_MESH_CHILD"
-_FORWARDED = ("sizes", "strategies", "rows", "length", "vocab", "steps", "dtype")
+_FORWARDED = ("sizes", "strategies", "rows", "length", "vocab", "steps", "dtype", "kernels")
 
 
 def per_device_bytes(tree) -> int:
@@ -83,7 +83,8 @@ def run(flags_) -> None:
   rules = partitioning.DEFAULT_RULES
   for strategy in flags_.strategies or ["none", "all"]:
     _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
-                              num_sets=common.STRATEGY_SETS[strategy], dtype=flags_.dtype)
+                              num_sets=common.STRATEGY_SETS[strategy], dtype=flags_.dtype,
+                              kernels=flags_.kernels)
     host_batch = common.synthetic_batch(rows, length, cfg.vocab_size)
     base_seconds = None
     for shape in MESHES:
@@ -105,4 +106,4 @@ def run(flags_) -> None:
                    "optimizer_bytes_per_device": opt_bytes,
                    "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", -1)),
                    "step_seconds": seconds, "step_ratio": seconds / base_seconds,
-                   "platform": devices[0].platform})
+                   "platform": devices[0].platform, "kernels": common.kernels(cfg)})

@@ -77,7 +77,8 @@ def suite_profile(flags_):
   """One JSON line per (size, scan_layers, part, kind), then a total line."""
   for size in flags_.sizes or ["small"]:
     for scan in common.scan_layers(flags_, default=(True,)):
-      _, cfg = common.model_cfg(size, vocab=flags_.vocab, dtype=flags_.dtype, scan_layers=scan)
+      _, cfg = common.model_cfg(size, vocab=flags_.vocab, dtype=flags_.dtype, scan_layers=scan,
+                                kernels=flags_.kernels)
       rows, length, steps = flags_.rows, flags_.length, flags_.steps
       step, abstract, init_fn, sharding = common.build_train_step(cfg, rows, length)
       batch = jax.device_put(common.synthetic_batch(rows, length, cfg.vocab_size), sharding)
@@ -107,7 +108,8 @@ def suite_profile(flags_):
             meta, is_dot = ops.get(event.name, ("", False))
             totals[(_part(meta), "matmul" if is_dot else "other")] += event.duration_ns / 1e9
       op_seconds = sum(totals.values()) / steps
-      base = {"name": NAME, "size": size, "scan_layers": scan, "rows": rows, "length": length}
+      base = {"name": NAME, "size": size, "scan_layers": scan, "kernels": common.kernels(cfg),
+              "rows": rows, "length": length}
       for (part, kind), total in totals.most_common():
         common.emit({**base, "part": part, "kind": kind, "seconds_per_step": total / steps,
                      "share": total / steps / op_seconds})

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import crosslayer
-from crosslayer import accounting, evaluate, flops
+from crosslayer import accounting, evaluate, flops, host_memory
 from crosslayer.bench import common, compare
 from crosslayer.bench.common import STRATEGY_SETS
 from crosslayer.bench.profile import suite_profile  # noqa: F401  (registered suite)
@@ -29,7 +28,8 @@ def suite_compile(flags_):
   for strategy in _strategies(flags_):
     for n in layers:
       _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
-                                num_sets=STRATEGY_SETS[strategy], layers=n, dtype=flags_.dtype)
+                                num_sets=STRATEGY_SETS[strategy], layers=n, dtype=flags_.dtype,
+                                kernels=flags_.kernels)
       step, abstract, _, _ = common.build_train_step(cfg, flags_.rows, flags_.length)
       batch = common.synthetic_batch(flags_.rows, flags_.length, cfg.vocab_size)
       seconds = common.compile_seconds(step, abstract, batch)
@@ -37,7 +37,8 @@ def suite_compile(flags_):
       common.emit({"name": "compile", "strategy": strategy, "num_layers": n,
                    "num_sets": max(dict(cfg.encoder_schedules)["feed_forward"]) + 1,
                    "compile_seconds": round(seconds, 3), "unique_params": counts["unique"],
-                   "effective_params": counts["effective"], "size": size})
+                   "effective_params": counts["effective"], "size": size,
+                   "kernels": common.kernels(cfg)})
 
 
 def _timed_steps(step, state, batch, steps):
@@ -68,7 +69,7 @@ def suite_train(flags_):
       for scan in scans:
         _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
                                   num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype,
-                                  scan_layers=scan)
+                                  scan_layers=scan, kernels=flags_.kernels)
         rows, length = flags_.rows, flags_.length
         step, abstract, init_fn, sharding = common.build_train_step(cfg, rows, length)
         batch = jax.device_put(common.synthetic_batch(rows, length, cfg.vocab_size), sharding)
@@ -81,12 +82,13 @@ def suite_train(flags_):
         analytic = flops.train_step_flops(cfg, rows, length, length)
         tokens = 2 * rows * length
         common.emit({"name": "train", "size": size, "strategy": strategy, "scan_layers": scan,
+                     "kernels": common.kernels(cfg),
                      "rows": rows, "length": length, "dtype": flags_.dtype,
                      "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                      "analytic_flops": analytic, "xla_flops": float(cost.get("flops", -1.0)),
                      "achieved_flops": analytic / seconds, "peak_flops": peak,
                      "mfu": analytic / seconds / peak, **host,
-                     "keeps_heap": crosslayer.KEEPS_HEAP})
+                     "keeps_heap": bool(host_memory.KEPT)})
 
 
 def suite_dropout(flags_):
@@ -150,7 +152,8 @@ def suite_memory(flags_):
   layers = int((flags_.layers or ["6"])[0])
   for strategy in _strategies(flags_):
     _, cfg = common.model_cfg(size, vocab=flags_.vocab, strategy=strategy,
-                              num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype, layers=layers)
+                              num_sets=STRATEGY_SETS[strategy], dtype=flags_.dtype, layers=layers,
+                              kernels=flags_.kernels)
     step, abstract, _, _ = common.build_train_step(cfg, flags_.rows, flags_.length)
     batch = common.synthetic_batch(flags_.rows, flags_.length, cfg.vocab_size)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
@@ -159,6 +162,7 @@ def suite_memory(flags_):
     params_bytes = _nbytes(abstract["params"])
     opt_bytes = _nbytes(abstract["opt_state"])
     common.emit({"name": "memory", "strategy": strategy, "size": size, "num_layers": layers,
+                 "kernels": common.kernels(cfg),
                  "unique_params": counts["unique"], "effective_params": counts["effective"],
                  "params_bytes": params_bytes, "optimizer_bytes": opt_bytes,
                  "params_bytes_expected": counts["unique"] * 4,
@@ -174,7 +178,8 @@ def suite_decode(flags_):
   """Beam-search and greedy tokens/s at batch 1 and a large batch, with cache bytes."""
   size = (flags_.sizes or ["small"])[0]
   _, cfg = common.model_cfg(size, vocab=flags_.vocab, dtype=flags_.dtype,
-                            max_len=max(flags_.decode_len, flags_.length))
+                            max_len=max(flags_.decode_len, flags_.length),
+                            kernels=flags_.kernels)
   cfg = cfg.replace(decode_scan=flags_.decode_scan)
   _, _, init_fn, _ = common.build_train_step(cfg, 1, flags_.length)
   params = init_fn(jax.random.key(0))["params"]
@@ -197,7 +202,8 @@ def suite_decode(flags_):
       common.emit({"name": "decode", "search": "beam" if beam > 1 else "greedy", "beam_size": beam,
                    "batch": b, "steps": steps, "seconds": seconds,
                    "tokens_per_second": b * steps / seconds, "cache_bytes": int(cache_bytes),
-                   "size": size, "decode_scan": cfg.decode_scan})
+                   "size": size, "decode_scan": cfg.decode_scan,
+                   "kernels": common.kernels(cfg)})
 
 
 def suite_mesh(flags_):

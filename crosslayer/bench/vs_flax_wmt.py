@@ -125,7 +125,7 @@ def their_config(models, size: str, *, vocab: int, layers: int | None, dtype: st
 def _both(models, size, flags_, *, layers=None, max_len=64):
   """(our TransformerConfig, their TransformerConfig), same sizes, unshared."""
   _, ours = common.model_cfg(size, vocab=flags_.vocab, layers=layers, dtype=flags_.dtype,
-                             max_len=max_len)
+                             max_len=max_len, kernels=flags_.kernels)
   theirs = their_config(models, size, vocab=flags_.vocab, layers=layers, dtype=flags_.dtype,
                         max_len=max_len)
   return ours, theirs
@@ -134,7 +134,8 @@ def _both(models, size, flags_, *, layers=None, max_len=64):
 def _config_row(size, ours_cfg, flags_, **extra):
   return {"size": size, "emb_dim": ours_cfg.emb_dim, "mlp_dim": ours_cfg.mlp_dim,
           "num_heads": ours_cfg.num_heads, "layers": ours_cfg.num_encoder_layers,
-          "vocab": flags_.vocab, "dtype": flags_.dtype, **extra}
+          "vocab": flags_.vocab, "dtype": flags_.dtype, "kernels": common.kernels(ours_cfg),
+          **extra}
 
 
 def _emit(what, config, ours_s, theirs_s, **extra):
@@ -275,7 +276,8 @@ def suite_vs_flax_wmt(flags_):
     _fail(f"--what: {', '.join(unknown)} not one of {', '.join(WHAT)}")
   models, decode = load_flax_wmt(flags_.flax_dir)
   print(f"vs_flax_wmt: their models.py from {Path(models.__file__).resolve()} (commit "
-        f"{_flax_commit(flags_.flax_dir)}), jax {jax.__version__}, device {jax.devices()[0]}",
+        f"{_flax_commit(flags_.flax_dir)}), jax {jax.__version__}, device {jax.devices()[0]}, "
+        f"our kernels {common.kernel_path(flags_.kernels)} (--kernels={flags_.kernels})",
         file=sys.stderr)
   if "train_step" in what:
     measure_train_step(models, flags_)

@@ -15,8 +15,10 @@ with label smoothing 0.1, mean over target tokens; `torch.optim.Adam` with the
 same hyperparameters as `optax.adam` in `compare.py`. Eager mode (no
 `torch.compile`), float32, PyTorch's default intra-op threads. Timing as in
 `compare.alternate_timing`: 2 warm-up steps, then the median of --steps, the
-sides alternating. Both run in this process, so both get `import crosslayer`'s
-host-memory setting (`host_memory.py`; PyTorch's CPU allocator uses glibc too). `speedup = theirs_seconds / ours_seconds`.
+sides alternating. Both run in this process, so both get the bench entry point's
+host-memory setting (`host_memory.py`; PyTorch's CPU allocator uses glibc too). Ours runs
+--kernels (`config.model.kernels`; the row's `config.kernels` is the resolved path).
+`speedup = theirs_seconds / ours_seconds`.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def suite_vs_torch(flags_):
   tx = compare.optimizer()
   scans = common.scan_layers(flags_)
   for size in flags_.sizes or ["small", "medium"]:
-    _, cfg = common.model_cfg(size, vocab=vocab, dtype="float32", max_len=max(64, length))
+    _, cfg = common.model_cfg(size, vocab=vocab, dtype="float32", max_len=max(64, length),
+                              kernels=flags_.kernels)
     init, _ = compare.init_params(Transformer(cfg.replace(deterministic=True)), 1, length, length)
     params = init(jax.random.key(0))
     batch = common.synthetic_batch(rows, length, vocab)
@@ -130,6 +133,7 @@ def suite_vs_torch(flags_):
           "config": {"size": size, "emb_dim": d, "mlp_dim": f, "num_heads": h, "layers": n,
                      "rows": rows, "length": length, "vocab": vocab, "dtype": "float32",
                      "steps": flags_.steps, "scan_layers": scan,
+                     "kernels": common.kernels(cfg),
                      "ours_params": compare.param_count(params),
                      "theirs_params": sum(p.numel() for p in model.parameters()),
                      "torch_version": torch.__version__,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import rotary
-from crosslayer.model.matmul import dense_dot_general, matmuls
+from crosslayer.model.matmul import cpu_kernels, dot_general, matmuls
 
 
 class Attention(nn.Module):
@@ -48,15 +48,21 @@ class Attention(nn.Module):
       return ProjectionKernel((heads, d), ("embed", axes, "kv"), init, cfg.param_dtype,
                               name=name)(x.shape[-1])
 
+    tuned = cpu_kernels(cfg.kernels)  # config.kernels: the CPU-tuned ops or stock ones
+
     def project(x, kernels):
       """x [b, t, embed] by every kernel [embed, heads, d] -> ([b, t, heads, d], ...)."""
       x, *kernels = nn.dtypes.promote_dtype(x, *kernels, dtype=cfg.dtype)
+      if not tuned:  # what nn.DenseGeneral(axis=-1) computes, differentiated by autodiff
+        return tuple(jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+                     for w in kernels)
       ys = matmuls(x.reshape(-1, x.shape[-1]), tuple(kernels))
       return tuple(y.reshape(x.shape[:-1] + w.shape[1:]) for y, w in zip(ys, kernels))
 
-    # The projections of one input are one `matmuls` (one transpose of the input serves
-    # all their kernels' gradients): queries, keys and values of self-attention (x_kv is
-    # x_q), keys and values of cross-attention. The params are DenseGeneral's.
+    # The projections of one input are one `matmuls` on the CPU path (one transpose of the
+    # input serves all their kernels' gradients): queries, keys and values of
+    # self-attention (x_kv is x_q), keys and values of cross-attention. The params are
+    # DenseGeneral's on both paths.
     if cfg.qkv == "shared_qkv":
       w_qkv = kernel(h, "qkv", "heads", x_q)
       (q,) = project(x_q, (w_qkv,))
@@ -107,7 +113,8 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     if cfg.attention_dropout_rate > 0:
-      weights = Dropout(cfg.attention_dropout_rate)(weights, deterministic=cfg.deterministic)
+      weights = Dropout(cfg.attention_dropout_rate, kernels=cfg.kernels)(
+          weights, deterministic=cfg.deterministic)
     # [b, k, g, t, d], then heads after positions: asking the einsum for [b, t, k, g, d]
     # directly made XLA on CPU pick a dot with a transposed operand (several times slower
     # for the beams' cross-attention while decoding).
@@ -115,7 +122,7 @@ class Attention(nn.Module):
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return nn.DenseGeneral(
         features=cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name="out", dot_general=dense_dot_general,
+        param_dtype=cfg.param_dtype, name="out", dot_general=dot_general(cfg.kernels),
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(),
             ("heads", "kv", "embed")))(out)

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from crosslayer import sharing
+from crosslayer.model.matmul import KERNELS
 
 QKV_MODES = ("separate", "shared_kv", "shared_qkv")
 POSITION_KINDS = ("sinusoidal", "learned", "rotary")
@@ -49,9 +50,18 @@ class TransformerConfig:
   remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
   scan_layers: bool = True          # training/eval: layers as one rolled nn.scan (False: unrolled)
   decode_scan: bool = False         # decoding: a rolled scan over decoder layers (stacked cache)
+  kernels: str = "auto"             # "auto" | "xla" | "cpu": stock or CPU-tuned ops (speed only;
+                                    # see default_model_config and model/matmul.py kernel_path)
   # Resolved layer -> set schedules: ((component, schedule), ...) per stack.
   encoder_schedules: tuple = ()
   decoder_schedules: tuple = ()
+  # Adaptive computation time (model/act.py) runs in every stack whose schedules include
+  # `halting` (config.model.act.encoder / .decoder); these are its settings.
+  act_threshold: float = 0.99       # 1 - epsilon: a position halts once its sum would pass it
+  act_ponder_cost: float = 0.01     # tau: weight of the ponder cost N(t) + R(t) in the loss
+  act_halting_bias_init: float = 1.0  # initial bias of the halting unit (the UT's)
+  act_early_exit: bool = True       # deterministic, not the cached decoder: a while loop that
+                                    # stops once every real position has halted (same values)
   deterministic: bool = False       # no dropout (evaluation)
   decode: bool = False              # autoregressive decoding with the KV cache
 
@@ -74,6 +84,7 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
   check("norm", m.norm, NORMS)
   check("dtype", m.dtype, tuple(DTYPES))
   check("remat", m.remat, REMAT)
+  check("kernels", m.get("kernels", "auto"), KERNELS)
   if m.emb_dim < 1 or m.num_heads < 1 or m.mlp_dim < 1:
     raise ValueError("config.model.emb_dim, num_heads, mlp_dim must be >= 1, got "
                      f"{m.emb_dim}, {m.num_heads}, {m.mlp_dim}")
@@ -93,8 +104,10 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
   if m.position.kind == "rotary" and m.position.inject != "input":
     raise ValueError("config.model.position.inject: rotary positions act inside every attention "
                      "layer already; use inject='input'")
+  act = _act_fields(m)
   scheds = sharing.resolve_schedules(m)
   return TransformerConfig(
+      **act,
       vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
       emb_dim=m.emb_dim, num_heads=m.num_heads, num_kv_heads=num_kv, head_dim=head_dim,
       mlp_dim=m.mlp_dim, num_encoder_layers=m.num_encoder_layers,
@@ -106,8 +119,27 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
       dtype=DTYPES[m.dtype], remat=m.remat,
       scan_layers=bool(m.get("scan_layers", True)),
       decode_scan=bool(m.get("decode_scan", False)),
+      kernels=m.get("kernels", "auto"),
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
+
+
+def _act_fields(m) -> dict:
+  """Validates `config.model.act`; its TransformerConfig fields (the stacks with ACT get a
+  `halting` schedule from sharing.resolve_schedules)."""
+  act = m.get("act", None) or default_model_config().act
+  for stack in ("encoder", "decoder"):
+    if not isinstance(act.get(stack, False), bool):
+      raise ValueError(f"config.model.act.{stack}: must be True or False, got "
+                       f"{act.get(stack)!r}")
+  if not 0.0 < act.threshold <= 1.0:
+    raise ValueError(f"config.model.act.threshold: must be in (0, 1] (1 - epsilon; the "
+                     f"Universal Transformer's is 0.99), got {act.threshold!r}")
+  if not act.ponder_cost >= 0.0:
+    raise ValueError(f"config.model.act.ponder_cost: must be >= 0, got {act.ponder_cost!r}")
+  return dict(act_threshold=float(act.threshold), act_ponder_cost=float(act.ponder_cost),
+              act_halting_bias_init=float(act.get("halting_bias_init", 1.0)),
+              act_early_exit=bool(act.get("early_exit", True)))
 
 
 def default_model_config():
@@ -142,6 +174,13 @@ def default_model_config():
                                  # its own cache leaves written in place (fast; decode compile
                                  # time grows with depth); True = one rolled scan over a stacked
                                  # cache (compile time flat in depth, every step copies the cache)
+  m.kernels = "auto"             # speed only (same params, checkpoints and values): "cpu" = the
+                                 # ops tuned for XLA:CPU (dense layers' custom VJP with transposes
+                                 # behind optimization barriers, the layer norm's written-out
+                                 # backward pass, fused ReLU + dropout with hashed masks); "xla" =
+                                 # stock nn.Dense / nn.LayerNorm / nn.Dropout (jax.random.bernoulli
+                                 # masks, so masks differ from "cpu"'s); "auto" = "cpu" on the CPU
+                                 # backend, "xla" on GPU/TPU (model/matmul.py kernel_path)
   m.position = ml_collections.ConfigDict()
   m.position.kind = "sinusoidal"     # "sinusoidal" | "learned" | "rotary"
   m.position.inject = "input"        # "input" (once) | "every_layer" (Universal Transformer)
@@ -155,4 +194,18 @@ def default_model_config():
   m.decoder_sharing.strategy = ""  # "" = same as config.model.sharing
   m.decoder_sharing.num_sets = 0   # as sharing.num_sets
   m.decoder_sharing.custom = ()    # as sharing.custom
+  m.act = ml_collections.ConfigDict()  # adaptive computation time (Graves 2016) as the Universal
+                                 # Transformer uses it (model/act.py); the stack's layer count
+                                 # is the most steps a position can take
+  m.act.encoder = False          # ACT in the encoder (bAbI's UT uses it)
+  m.act.decoder = False          # ACT in the decoder (teacher forcing and cached decoding)
+  m.act.threshold = 0.99         # 1 - epsilon, epsilon = 0.01: a position halts when its summed
+                                 # halting probability would pass this; in (0, 1]
+  m.act.ponder_cost = 0.01       # tau: the loss adds tau * mean over real positions of
+                                 # N(t) + R(t) (updates + remainder), per ACT stack
+  m.act.halting_bias_init = 1.0  # initial bias of the halting unit sigmoid(dense(state)) (UT's)
+  m.act.early_exit = True        # evaluation (deterministic; not the decoder while it decodes
+                                 # with its cache, where every layer fills its cache): stop the
+                                 # layer loop once every real position of the batch has halted
+                                 # (a while loop over the same params; the scan's values)
   return m

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
-from crosslayer.model.matmul import dense_dot_general
+from crosslayer.model.matmul import dot_general
 
 # Floor of the mixture before the log: keeps log p finite (and its gradient zero)
 # where both distributions underflow.
@@ -41,7 +41,7 @@ class CopyHead(nn.Module):
     init = nn.initializers.xavier_uniform()
     dense = lambda name, features, axes: nn.Dense(
         features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-        dot_general=dense_dot_general, kernel_init=nn.with_logical_partitioning(init, axes))
+        dot_general=dot_general(cfg.kernels), kernel_init=nn.with_logical_partitioning(init, axes))
     q = dense("query", cfg.emb_dim, ("embed", "kv"))(y)                # [b, t, e]
     key = dense("key", cfg.emb_dim, ("embed", "kv"))
     if cfg.decode:  # projected once, at one row per example (the beams share it)

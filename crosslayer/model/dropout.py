@@ -20,6 +20,13 @@ of keeping a bool mask per element; with `relu=True` the module applies ReLU fir
 (`relu_dropout`) and the backward pass reads both masks off its output (positive
 exactly where the input was positive and kept), the array the next matmul keeps for
 its own backward pass anyway.
+
+That is the CPU path of `config.model.kernels` (`matmul.kernel_path`). On the stock path
+("xla", or "auto" off the CPU backend) `Dropout` applies `flax.linen.Dropout` (ReLU
+first with `relu=True`), whose mask is `jax.random.bernoulli` of the same `dropout` RNG
+draw: the mask `nn.Dropout` would draw in this module's place. The two paths keep the
+same fraction of elements with the same scaling, but draw different masks from the
+same key; with dropout off (`deterministic=True`) they compute the same values.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from crosslayer.model.matmul import cpu_kernels
 
 
 def fmix32(h: jax.Array) -> jax.Array:
@@ -106,10 +115,11 @@ relu_dropout.defvjp(_relu_dropout_fwd, _relu_dropout_bwd)
 
 class Dropout(nn.Module):
   """Drop-in for `flax.linen.Dropout(rate)(x, deterministic=...)` (same RNG stream);
-  `relu=True`: dropout of relu(x)."""
+  `relu=True`: dropout of relu(x). x [...] -> same shape and dtype."""
   rate: float
   rng_collection: str = "dropout"
   relu: bool = False
+  kernels: str = "auto"   # config.model.kernels: "cpu" hashed mask, "xla" nn.Dropout's
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -117,5 +127,8 @@ class Dropout(nn.Module):
       return nn.relu(x) if self.relu else x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    key_bits = jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
+    rng = self.make_rng(self.rng_collection)
+    if not cpu_kernels(self.kernels):  # stock: bernoulli mask, autodiff of relu and select
+      return nn.Dropout(self.rate)(nn.relu(x) if self.relu else x, deterministic=False, rng=rng)
+    key_bits = jax.random.bits(rng, (2,), jnp.uint32)
     return (relu_dropout if self.relu else dropout)(x, key_bits, self.rate)

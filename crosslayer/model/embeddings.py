@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosslayer.model.config import TransformerConfig
-from crosslayer.model.matmul import matmul
+from crosslayer.model.matmul import cpu_kernels, matmul
 
 
 def sinusoid(positions: jnp.ndarray, dim: int, dtype=jnp.float32) -> jnp.ndarray:
@@ -56,19 +56,23 @@ class TokenEmbed(nn.Module):
 
   def attend(self, x: jnp.ndarray) -> jnp.ndarray:
     """[batch, length, embed] -> logits [batch, length, vocab]."""
-    return tied_logits(x, self.embedding.astype(self.config.dtype))
+    cfg = self.config
+    return tied_logits(x, self.embedding.astype(cfg.dtype), tuned=cpu_kernels(cfg.kernels))
 
 
-def tied_logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+def tied_logits(x: jnp.ndarray, table: jnp.ndarray, tuned: bool = True) -> jnp.ndarray:
   """x [b, l, embed] . table [vocab, embed] -> logits [b, l, vocab].
 
-  One `matmul.matmul` with the transposed table as its kernel: its VJP computes the
-  table's gradient as one standard-form matmul (left to itself, XLA on CPU writes the
-  [b*l, vocab] logits gradient out transposed, 65 MB for 2,048 tokens and a
-  vocabulary of 8,000, to feed that matmul). Same FLOPs, same values up to summation
-  order.
+  `tuned` (the CPU path of config.kernels): one `matmul.matmul` with the transposed
+  table as its kernel: its VJP computes the table's gradient as one standard-form
+  matmul (left to itself, XLA on CPU writes the [b*l, vocab] logits gradient out
+  transposed, 65 MB for 2,048 tokens and a vocabulary of 8,000, to feed that matmul).
+  Otherwise the dot of `nn.Embed.attend`, under autodiff. Same FLOPs, same values up to
+  summation order.
   """
   with jax.named_scope("tied_logits"):
+    if not tuned:
+      return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
     logits = matmul(x.reshape(-1, x.shape[-1]), table.T)
   return logits.reshape(x.shape[:-1] + table.shape[:1])
 

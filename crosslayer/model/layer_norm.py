@@ -15,6 +15,10 @@ each is a stacked residual, written once per layer in the forward pass and read 
 in the backward pass (`python -m crosslayer.bench memory` reports the step's peak).
 Statistics are computed in at least float32 from the unconverted input (two-pass
 variance), and the output is cast to the module's `dtype`, as in Flax.
+
+This is the CPU path of `config.model.kernels` (`matmul.kernel_path`); on the stock path
+the layers use `flax.linen.LayerNorm` itself (`layers.layer_norm` picks the class, with
+`use_fast_variance=False`: the same two-pass variance) and its autodiff gradient.
 """
 
 from __future__ import annotations

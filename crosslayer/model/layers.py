@@ -19,11 +19,16 @@ from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, sinusoid
 from crosslayer.model.feed_forward import FeedForward
 from crosslayer.model.layer_norm import LayerNorm
+from crosslayer.model.matmul import cpu_kernels
 from crosslayer.model.sets import component
 
 
 def layer_norm(cfg: TransformerConfig, **kw):
-  return dict(module_cls=LayerNorm, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  """The layer norm's class and fields: ours (written-out backward pass) on the CPU path of
+  `cfg.kernels`, else `nn.LayerNorm` with the same params and two-pass variance."""
+  impl = (dict(module_cls=LayerNorm) if cpu_kernels(cfg.kernels)
+          else dict(module_cls=nn.LayerNorm, use_fast_variance=False))
+  return dict(**impl, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
               scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), **kw)
 
@@ -56,7 +61,7 @@ class _Layer(nn.Module):
     cfg = self.config
     norm = self.norm(norm_name, sets)
     y = fn(norm(x) if cfg.norm == "pre" else x)
-    y = Dropout(cfg.dropout_rate)(y, deterministic=cfg.deterministic)
+    y = Dropout(cfg.dropout_rate, kernels=cfg.kernels)(y, deterministic=cfg.deterministic)
     return x + y if cfg.norm == "pre" else norm(x + y)
 
 

@@ -13,6 +13,13 @@ barrier keeps XLA from folding that transpose back into the dot), so the weight
 gradient is one standard [K, T] x [T, N] matmul (or its [N, T] x [T, K] twin,
 transposed after: a kernel-sized copy). Same FLOPs and, up to float summation order,
 the same values.
+
+These ops, the layer norm's written-out backward pass (`layer_norm.py`) and the hashed
+dropout masks (`dropout.py`) are tuned for XLA:CPU; on GPU/TPU the barriers can block
+fusions (and FSDP's reduce-scatter). `config.model.kernels` picks them: `kernel_path`
+resolves it ("auto": the CPU-tuned ops on the CPU backend, stock Flax/JAX ops
+elsewhere), `dot_general` gives the `dot_general=` of a dense layer for it. Both paths
+create the same params (names, shapes, logical axes), so checkpoints load either way.
 """
 
 from __future__ import annotations
@@ -21,6 +28,33 @@ import math
 
 import jax
 from jax import lax
+
+KERNELS = ("auto", "xla", "cpu")  # config.model.kernels
+
+
+def kernel_path(kernels: str = "auto") -> str:
+  """`config.model.kernels` resolved: "cpu" (the CPU-tuned ops) or "xla" (stock ops).
+
+  "auto" is "cpu" on the CPU backend and "xla" on any other; `jax.default_backend()` is
+  read when the model is traced (built), not when the config is made.
+  """
+  if kernels not in KERNELS:
+    raise ValueError(f"config.model.kernels: {kernels!r} is not one of "
+                     f"{', '.join(map(repr, KERNELS))}")
+  if kernels == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return kernels
+
+
+def cpu_kernels(kernels: str = "auto") -> bool:
+  """Whether `kernels` (config.model.kernels) picks the CPU-tuned ops here."""
+  return kernel_path(kernels) == "cpu"
+
+
+def dot_general(kernels: str = "auto"):
+  """`nn.Dense(dot_general=...)` for `kernels`: `dense_dot_general` on the CPU path, None
+  (Flax's default, `lax.dot_general` under autodiff) on the stock path."""
+  return dense_dot_general if cpu_kernels(kernels) else None
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -2,6 +2,12 @@
 
 Batches follow the Flax WMT example: `inputs`/`targets` int32 [b, length] with 0
 as padding, optional `*_positions` and `*_segmentation` for packed examples.
+
+With adaptive computation time (`config.model.act`, model/act.py) the stacks sow their
+ponder statistics into the `ponder` collection: `model.apply(..., mutable=["ponder"])`
+returns `(logits, {"ponder": {"encoder": {...}, "decoder": {...}}})` (`{}` without ACT),
+which `losses.ponder_sums` / `ponder_loss` / `ponder_report` turn into the loss term and
+the reported statistics. Called without `mutable`, the model returns the logits alone.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from crosslayer.model.copy_head import CopyHead
 from crosslayer.model.dropout import Dropout
 from crosslayer.model.embeddings import PositionTable, TokenEmbed, sinusoid
 from crosslayer.model.layers import DecoderLayer, EncoderLayer
-from crosslayer.model.matmul import dense_dot_general
+from crosslayer.model.matmul import dot_general
 from crosslayer.model.stack import Stack
 
 
@@ -45,16 +51,16 @@ class Transformer(nn.Module):
       self.position_table = PositionTable(cfg)  # one table, shared by encoder and decoder
     self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_schedules)
     self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_schedules,
-                         unroll_decode=not cfg.decode_scan)
+                         unroll_decode=not cfg.decode_scan, cached=True)
     if not cfg.tie_output:
       self.logits_dense = nn.DenseGeneral(
           cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          dot_general=dense_dot_general,
+          dot_general=dot_general(cfg.kernels),
           kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                    ("embed", "vocab")))
     if cfg.copy_head:
       self.copy_head = CopyHead(cfg)
-    self.dropout = Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate, kernels=cfg.kernels)
 
   def _embed(self, table, ids, positions):
     cfg = self.config
@@ -74,7 +80,7 @@ class Transformer(nn.Module):
       mask = nn.combine_masks(mask, nn.make_attention_mask(inputs_segmentation,
                                                            inputs_segmentation, jnp.equal))
     x = self._embed(self.embed, inputs, positions)
-    return self.encoder(x, mask, positions)
+    return self.encoder(x, mask, positions, nonpadding=inputs > 0)
 
   def decode(self, encoded, inputs, targets, targets_positions=None, inputs_segmentation=None,
              targets_segmentation=None, decode_step=None):
@@ -103,7 +109,8 @@ class Transformer(nn.Module):
         cross_mask = nn.combine_masks(cross_mask, nn.make_attention_mask(
             targets_segmentation, inputs_segmentation, jnp.equal))
     y = self._embed(self.target_embed, dec_in, positions)
-    y = self.decoder(y, encoded, self_mask, cross_mask, positions, decode_step)
+    y = self.decoder(y, encoded, self_mask, cross_mask, positions, decode_step,
+                     nonpadding=None if cfg.decode else targets > 0)
     logits = self.target_embed.attend(y) if cfg.tie_output else self.logits_dense(y)
     if cfg.copy_head:
       return self.copy_head(logits, y, encoded, inputs, cross_mask)
