@@ -115,11 +115,12 @@ def test_module_relu_field():
 def test_feed_forward_keeps_its_hidden_activation_once():
   """The hidden activation [tokens, mlp] is one residual, shared by `wo`'s matmul and
   the ReLU-dropout (no bool masks, no second copy in another shape)."""
-  from crosslayer.model.config import TransformerConfig
+  from crosslayer.model.config import default_model_config, from_config
   from crosslayer.model.feed_forward import FeedForward
-  cfg = TransformerConfig(vocab_size=11, emb_dim=8, mlp_dim=12, num_heads=2,
-                          num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1,
-                          deterministic=False)
+  m = default_model_config()
+  m.update(vocab_size=11, emb_dim=8, mlp_dim=12, num_heads=2, num_encoder_layers=1,
+           num_decoder_layers=1, dropout_rate=0.1)
+  cfg = from_config(m)
   x = jax.random.normal(jax.random.key(0), (3, 5, 8))  # 15 tokens
   module = FeedForward(cfg)
   params = module.init(jax.random.key(1), x)

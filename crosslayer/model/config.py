@@ -25,43 +25,45 @@ REMAT = ("", "full", "dots", "dots_with_no_batch_dims")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Hyperparameters of the encoder-decoder Transformer."""
-  vocab_size: int = 8000            # joint source/target vocabulary
-  emb_dim: int = 256                # d_model
-  num_heads: int = 4                # query heads
-  num_kv_heads: int = 4             # key/value heads (< num_heads: GQA; 1: multi-query)
-  head_dim: int = 64                # per-head width
-  mlp_dim: int = 1024               # feed-forward hidden width
-  num_encoder_layers: int = 3
-  num_decoder_layers: int = 3
-  max_len: int = 256                # longest position (learned tables, caches)
-  dropout_rate: float = 0.1         # residual / embedding / FFN dropout
-  attention_dropout_rate: float = 0.1
-  norm: str = "pre"                 # "pre" (default) or "post" LayerNorm (Takase & Kiyono)
-  qkv: str = "separate"             # "separate" | "shared_kv" | "shared_qkv" projections
-  position: str = "sinusoidal"      # "sinusoidal" | "learned" | "rotary"
-  position_inject: str = "input"    # "input" (once) | "every_layer" (Universal Transformer)
-  position_layer_tables: str = "shared"  # every_layer + learned: one table or one per layer
-  share_embeddings: bool = True     # one token table for source and target
-  tie_output: bool = True           # logits through the (target) token table
-  copy_head: bool = False           # pointer-generator: mix in copies of source tokens
-  dtype: Any = jnp.float32          # compute dtype; params stay float32 (param_dtype)
-  param_dtype: Any = jnp.float32
-  remat: str = ""                   # "" (off) | "full" | "dots" | "dots_with_no_batch_dims"
-  scan_layers: bool = True          # training/eval: layers as one rolled nn.scan (False: unrolled)
-  decode_scan: bool = False         # decoding: a rolled scan over decoder layers (stacked cache)
-  kernels: str = "auto"             # "auto" | "xla" | "cpu": stock or CPU-tuned ops (speed only;
-                                    # see default_model_config and model/matmul.py kernel_path)
-  # Resolved layer -> set schedules: ((component, schedule), ...) per stack.
-  encoder_schedules: tuple = ()
-  decoder_schedules: tuple = ()
-  # Adaptive computation time (model/act.py) runs in every stack whose schedules include
-  # `halting` (config.model.act.encoder / .decoder); these are its settings.
-  act_threshold: float = 0.99       # 1 - epsilon: a position halts once its sum would pass it
-  act_ponder_cost: float = 0.01     # tau: weight of the ponder cost N(t) + R(t) in the loss
-  act_halting_bias_init: float = 1.0  # initial bias of the halting unit (the UT's)
-  act_early_exit: bool = True       # deterministic, not the cached decoder: a while loop that
-                                    # stops once every real position has halted (same values)
+  """The resolved hyperparameters of the encoder-decoder Transformer.
+
+  Fields named as in `config.model` take its values (their meanings and defaults are
+  listed once, in `default_model_config`); the others are resolved from it by
+  `from_config`. No defaults here but the evaluation/decoding switches.
+  """
+  vocab_size: int                   # the trained vocabulary's size (joint source/target)
+  emb_dim: int
+  num_heads: int
+  num_kv_heads: int                 # resolved: num_heads when config.model says 0
+  head_dim: int                     # resolved: emb_dim // num_heads when config.model says 0
+  mlp_dim: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  max_len: int
+  dropout_rate: float
+  attention_dropout_rate: float
+  norm: str
+  qkv: str
+  position: str                     # config.model.position.kind
+  position_inject: str              # config.model.position.inject
+  position_layer_tables: str        # config.model.position.layer_tables
+  share_embeddings: bool
+  tie_output: bool
+  copy_head: bool
+  dtype: Any                        # the jnp dtype named by config.model.dtype
+  remat: str
+  scan_layers: bool
+  decode_scan: bool
+  kernels: str
+  # Resolved layer -> set schedules: ((component, schedule), ...) per stack; a stack with
+  # ACT (config.model.act.encoder / .decoder) has a `halting` schedule too.
+  encoder_schedules: tuple
+  decoder_schedules: tuple
+  act_threshold: float              # config.model.act.threshold, ...
+  act_ponder_cost: float
+  act_halting_bias_init: float
+  act_early_exit: bool
+  param_dtype: Any = jnp.float32    # params stay float32 whatever the compute dtype
   deterministic: bool = False       # no dropout (evaluation)
   decode: bool = False              # autoregressive decoding with the KV cache
 
@@ -69,9 +71,21 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
 
+def _over_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` with every field it lacks (at any depth) taken from `defaults`."""
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _over_defaults(v, defaults[k]) if isinstance(defaults.get(k), dict) else v
+  return out
+
+
 def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerConfig:
-  """Validates `config.model` and returns the model's TransformerConfig."""
-  m = model_cfg
+  """Validates `config.model` (a field it lacks takes its default) and returns the model's
+  TransformerConfig."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  m = ml_collections.ConfigDict(_over_defaults(
+      model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg),
+      default_model_config().to_dict()))
 
   def check(field, value, allowed):
     if value not in allowed:
@@ -84,7 +98,7 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
   check("norm", m.norm, NORMS)
   check("dtype", m.dtype, tuple(DTYPES))
   check("remat", m.remat, REMAT)
-  check("kernels", m.get("kernels", "auto"), KERNELS)
+  check("kernels", m.kernels, KERNELS)
   if m.emb_dim < 1 or m.num_heads < 1 or m.mlp_dim < 1:
     raise ValueError("config.model.emb_dim, num_heads, mlp_dim must be >= 1, got "
                      f"{m.emb_dim}, {m.num_heads}, {m.mlp_dim}")
@@ -106,40 +120,34 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
                      "layer already; use inject='input'")
   act = _act_fields(m)
   scheds = sharing.resolve_schedules(m)
-  return TransformerConfig(
-      **act,
+  derived = dict(
       vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
-      emb_dim=m.emb_dim, num_heads=m.num_heads, num_kv_heads=num_kv, head_dim=head_dim,
-      mlp_dim=m.mlp_dim, num_encoder_layers=m.num_encoder_layers,
-      num_decoder_layers=m.num_decoder_layers, max_len=m.max_len, dropout_rate=m.dropout_rate,
-      attention_dropout_rate=m.attention_dropout_rate, norm=m.norm, qkv=m.qkv,
-      position=m.position.kind, position_inject=m.position.inject,
-      position_layer_tables=m.position.layer_tables, share_embeddings=m.share_embeddings,
-      tie_output=m.tie_output, copy_head=bool(m.get("copy_head", False)),
-      dtype=DTYPES[m.dtype], remat=m.remat,
-      scan_layers=bool(m.get("scan_layers", True)),
-      decode_scan=bool(m.get("decode_scan", False)),
-      kernels=m.get("kernels", "auto"),
+      num_kv_heads=num_kv, head_dim=head_dim, position=m.position.kind,
+      position_inject=m.position.inject, position_layer_tables=m.position.layer_tables,
+      dtype=DTYPES[m.dtype], **act,
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
+  same_name = {f.name: m[f.name] for f in dataclasses.fields(TransformerConfig)
+               if f.init and f.name in m and f.name not in derived}
+  return TransformerConfig(**same_name, **derived)
 
 
 def _act_fields(m) -> dict:
   """Validates `config.model.act`; its TransformerConfig fields (the stacks with ACT get a
   `halting` schedule from sharing.resolve_schedules)."""
-  act = m.get("act", None) or default_model_config().act
+  act = m.act
   for stack in ("encoder", "decoder"):
-    if not isinstance(act.get(stack, False), bool):
+    if not isinstance(act[stack], bool):
       raise ValueError(f"config.model.act.{stack}: must be True or False, got "
-                       f"{act.get(stack)!r}")
+                       f"{act[stack]!r}")
   if not 0.0 < act.threshold <= 1.0:
     raise ValueError(f"config.model.act.threshold: must be in (0, 1] (1 - epsilon; the "
                      f"Universal Transformer's is 0.99), got {act.threshold!r}")
   if not act.ponder_cost >= 0.0:
     raise ValueError(f"config.model.act.ponder_cost: must be >= 0, got {act.ponder_cost!r}")
   return dict(act_threshold=float(act.threshold), act_ponder_cost=float(act.ponder_cost),
-              act_halting_bias_init=float(act.get("halting_bias_init", 1.0)),
-              act_early_exit=bool(act.get("early_exit", True)))
+              act_halting_bias_init=float(act.halting_bias_init),
+              act_early_exit=bool(act.early_exit))
 
 
 def default_model_config():
