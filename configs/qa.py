@@ -29,13 +29,21 @@ def get_config(arg: str = "babi"):
   d.max_story_sentences = 20          # K: the story's last K sentences before the question
                                       # (0 = all); MemN2N / UT used 50
   d.valid_fraction = 0.1              # the last stories of each training file -> split "valid"
-  d.encoding = "tokens"               # "tokens" (story + question as one token sequence) |
-                                      # "facts" (one encoder position per sentence; not built yet)
+  d.encoding = "tokens"               # "tokens" (story + question as one token sequence, one
+                                      # encoder position per token) | "facts" (MemN2N / UT: one
+                                      # encoder position per sentence, the question last, each
+                                      # the sum of its words' embeddings under a learned
+                                      # per-word-position mask, model/facts.py; its vocabulary
+                                      # adds the separator piece; the encoder runs on
+                                      # ceil(max_len_inputs / 2) positions; size the mask with
+                                      # config.model.fact_mask_len; no copy_head)
   d.train_split = "train"
   d.eval_splits = ("valid", "test")
   d.valid_split = "valid"
   d.vocab_size = 256                  # bAbI has ~170 words; a smaller trained vocabulary is fine
-  d.max_len_inputs = 192              # 20 sentences and the question, as tokens
+  d.max_len_inputs = 256              # 20 sentences and the question, as tokens (facts: + one
+                                      # separator a sentence; the 1k set's longest source is
+                                      # 207 tokens, 228 with facts); longer sources lose their end
   d.max_len_targets = 8               # answers: a word, a list or a path
   e.max_len = 8
   e.max_len_a, e.max_len_b = 0.0, 0   # no source-length-dependent limit

@@ -53,6 +53,8 @@ def parameter_counts(cfg: TransformerConfig) -> dict:
     comps["position_table"] = _single(cfg.max_len * d)
   if not cfg.tie_output:
     comps["output_projection"] = _single(d * v)
+  if cfg.facts_separator_id:  # the facts encoding's per-word-position mask (model/facts.py)
+    comps["fact_mask"] = _single(cfg.fact_mask_len * d)
   if cfg.copy_head:  # query and key kernels, the gate's kernel and bias
     comps["copy_head"] = _single(2 * d * d + d + 1)
   return {"unique": sum(c["unique"] for c in comps.values()),

@@ -71,9 +71,10 @@ def read_sources(path: str) -> list[str]:
   return [line.rstrip("\r") for line in lines]
 
 
-def read_questions(path: str, max_story_sentences: int) -> list[str]:
+def read_questions(path: str, max_story_sentences: int, encoding: str = "tokens") -> list[str]:
   """QA sources: bAbI stories (`.txt`/`.txt.gz`; answer columns ignored when present) or JSONL
-  with `story` (a string or a list of sentences) and `question`; one source per question."""
+  with `story` (a string or a list of sentences) and `question`; one source per question,
+  as the workdir's config.data.encoding writes it (tasks/qa.py source_text)."""
   import re  # pylint: disable=g-import-not-at-top
   from crosslayer.data import babi  # pylint: disable=g-import-not-at-top
   from crosslayer.tasks import qa  # pylint: disable=g-import-not-at-top
@@ -82,7 +83,7 @@ def read_questions(path: str, max_story_sentences: int) -> list[str]:
     raise ValueError(f"--input: {p} does not exist")
   if not p.name.endswith((".jsonl", ".jsonl.gz")):
     questions = babi.parse(babi.read_lines(p), f"--input: {p}", answers=False)
-    return [qa.source_text(q, max_story_sentences) for q in questions]
+    return [qa.source_text(q, max_story_sentences, encoding) for q in questions]
   sources = []
   for i, line in enumerate(babi.read_lines(p), 1):
     if not line.strip():
@@ -97,7 +98,7 @@ def read_questions(path: str, max_story_sentences: int) -> list[str]:
     if isinstance(story, str):
       story = [s for s in re.split(r"(?<=[.!?])\s+", story.strip()) if s]
     q = babi.Question(0, 0, tuple(map(str, story)), str(obj["question"]).strip(), "", ())
-    sources.append(qa.source_text(q, max_story_sentences))
+    sources.append(qa.source_text(q, max_story_sentences, encoding))
   return sources
 
 
@@ -112,7 +113,7 @@ def decode_file(workdir: str, input_path: str, output_path: str, *, beam_size=No
     raise ValueError(f"--workdir: {config_path} not found; is {workdir} a trained workdir?")
   config = workdir_lib.load_config(config_path)  # fields it lacks at their current defaults
   if config.task == "qa":
-    sources = read_questions(input_path, config.data.max_story_sentences)
+    sources = read_questions(input_path, config.data.max_story_sentences, config.data.encoding)
   else:
     sources = read_sources(input_path)
   tok = train.load_tokenizer(workdir, config)

@@ -9,6 +9,7 @@ every layer and counts every layer: training computes all of them for every posi
 
 from __future__ import annotations
 
+from crosslayer.model import facts
 from crosslayer.model.config import TransformerConfig
 
 
@@ -29,7 +30,13 @@ def _attention(cfg: TransformerConfig, rows: int, t: int, s: int, *, self_attn: 
 
 
 def forward_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_targets: int) -> float:
-  """FLOPs of one teacher-forced forward pass over a [rows, len] batch."""
+  """FLOPs of one teacher-forced forward pass over a [rows, len] batch. With the facts
+  encoding the encoder (and the cross-attention's memory) has F = ceil(len_inputs / 2)
+  positions, and the fact sums add their masked one-hot einsum (model/facts.py)."""
+  fact_sums = 0
+  if cfg.facts_separator_id:
+    fact_sums = rows * len_inputs * cfg.emb_dim * (1 + 2 * facts.num_facts(len_inputs))
+    len_inputs = facts.num_facts(len_inputs)
   ffn = lambda t: 2 * 2 * rows * t * cfg.emb_dim * cfg.mlp_dim
   halting = lambda schedules, t: (2 * rows * t * cfg.emb_dim
                                   if any(c == "halting" for c, _ in schedules) else 0)
@@ -45,7 +52,7 @@ def forward_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_target
   if cfg.copy_head:  # query, key and gate projections; scores; copy weights onto the vocabulary
     d, t, s = cfg.emb_dim, len_targets, len_inputs
     copy = 2 * rows * (t * d * d + s * d * d + t * d + t * s * d + t * s * cfg.vocab_size)
-  return float(enc + dec + logits + copy)
+  return float(enc + dec + logits + copy + fact_sums)
 
 
 def train_step_flops(cfg: TransformerConfig, rows: int, len_inputs: int, len_targets: int) -> float:

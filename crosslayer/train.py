@@ -32,12 +32,25 @@ _jsonable = workdir_lib.jsonable
 # ----------------------------------------------------------------------------
 # Model, optimizer, train step, state, vocabulary, input shards, config checks.
 # ----------------------------------------------------------------------------
+def facts_encoding(config) -> bool:
+  """config.data.encoding == "facts" (bAbI: one encoder position per sentence)."""
+  encoding = config.data.get("encoding", "tokens")
+  if encoding == "facts" and config.task != "qa":
+    raise ValueError(f"config.data.encoding: 'facts' encodes bAbI stories (task 'qa'), not "
+                     f"task {config.task!r}; use 'tokens'")
+  return encoding == "facts"
+
+
 def tokenizer_path(workdir: Path, config) -> Path:
-  return Path(workdir) / "vocab" / f"spm_{config.data.vocab_size}.model"
+  """The vocabulary's file; the facts encoding's (with its separator piece) is another."""
+  suffix = "_facts" if facts_encoding(config) else ""
+  return Path(workdir) / "vocab" / f"spm_{config.data.vocab_size}{suffix}.model"
 
 
 def model_config(config, vocab_size: int):
-  return from_config(config.model, vocab_size=vocab_size)
+  """The model's TransformerConfig; the facts encoding's separator id comes with the data."""
+  separator = tokenizer_lib.FACT_SEPARATOR_ID if facts_encoding(config) else 0
+  return from_config(config.model, vocab_size=vocab_size, facts_separator_id=separator)
 
 
 def lr_schedule(t) -> optax.Schedule:
@@ -147,8 +160,10 @@ def load_tokenizer(workdir: Path, config, texts=None):
   path = tokenizer_path(workdir, config)
   if texts is None and not path.exists():
     raise ValueError(f"--workdir: no vocabulary at {path}; train a model in this workdir first")
+  symbols = (tokenizer_lib.FACT_SEPARATOR,) if facts_encoding(config) else ()
   return tokenizer_lib.load_or_train(path, texts, config.data.vocab_size,
-                                     max_sentences=config.data.spm_max_sentences)
+                                     max_sentences=config.data.spm_max_sentences,
+                                     user_defined_symbols=symbols)
 
 
 def _head(x: list, k: int) -> list:
@@ -299,9 +314,14 @@ def shared_tokenizer(workdir: Path, config, texts, is_main: bool):
 
 
 def encode(tok, config, sources, targets) -> list:
-  """Tokenized (source, target) examples, cut to the configured maximum lengths."""
-  return pipeline.make_examples(tok.encode(sources), tok.encode(targets),
-                                max_len_inputs=config.data.max_len_inputs,
+  """Tokenized (source, target) examples, cut to the configured maximum lengths (a warning
+  says how many sources lose their end: for bAbI, their question)."""
+  ids, max_len = tok.encode(sources), config.data.max_len_inputs
+  cut = sum(len(x) >= max_len for x in ids)  # + EOS: longer than max_len
+  if cut:
+    logging.warning("%d of %d sources are longer than config.data.max_len_inputs=%d tokens "
+                    "(with EOS) and lose their end", cut, len(ids), max_len)
+  return pipeline.make_examples(ids, tok.encode(targets), max_len_inputs=max_len,
                                 max_len_targets=config.data.max_len_targets)
 
 

@@ -32,10 +32,10 @@ def test_source_is_the_cut_story_and_the_question():
   q = babi.Question(1, 0, tuple(f"S{i}." for i in range(5)), "Where?", "x", (0, 4))
   assert qa.source_text(q, 2) == "S3. S4. Where?"
   assert qa.source_text(q, 0) == "S0. S1. S2. S3. S4. Where?"
+  assert qa.source_text(q, 2, "facts") == "S3.<sep> S4.<sep> Where?"  # one fact a sentence
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("encoding", "facts", "config.data.encoding: 'facts'"),
     ("encoding", "words", "config.data.encoding: 'words' is not one of"),
     ("tasks", (0, 1), r"config.data.tasks: \(0, 1\) must be task numbers in 1..20"),
 ])

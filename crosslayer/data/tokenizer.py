@@ -1,6 +1,8 @@
 """Joint source/target SentencePiece vocabulary, as in the Flax WMT example.
 
 Ids: pad=0, eos=1, unk=2, no bos. `encode` does not append EOS; callers do.
+A vocabulary trained with `user_defined_symbols` (bAbI's facts encoding: FACT_SEPARATOR)
+has them next, at ids 3, 4, ..., each always one piece.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from sentencepiece import sentencepiece_model_pb2
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+# The facts encoding's sentence separator (tasks/qa.py joins sentences with it, model/facts.py
+# splits token rows at it): trained as the first user-defined symbol, so always this id.
+FACT_SEPARATOR = "<sep>"
+FACT_SEPARATOR_ID = UNK_ID + 1
 # Fixed so the trained model depends on the inputs only: SentencePiece's
 # result changes with the thread count (16 is its default).
 _TRAIN_THREADS = 16
@@ -61,6 +67,7 @@ def _train(
     character_coverage: float,
     model_type: str,
     max_sentences: int,
+    user_defined_symbols: Sequence[str] = (),
 ) -> bytes:
   """Trains a SentencePiece model on the first `max_sentences` texts; returns its bytes."""
   model = io.BytesIO()
@@ -82,6 +89,8 @@ def _train(
         shuffle_input_sentence=False,
         num_threads=_TRAIN_THREADS,
         minloglevel=2,
+        **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols
+           else {}),
     )
   except RuntimeError as err:
     raise ValueError(
@@ -99,6 +108,18 @@ def _trained_vocab_size(model_proto: bytes) -> int:
   return proto.trainer_spec.vocab_size
 
 
+def _check_symbols(model_proto: bytes, symbols: Sequence[str], model_path) -> None:
+  """ValueError unless `symbols` are the model's user-defined pieces at ids 3, 4, ..."""
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_proto)
+  user = proto.SentencePiece.USER_DEFINED
+  for i, symbol in enumerate(symbols, UNK_ID + 1):
+    piece = proto.pieces[i] if i < len(proto.pieces) else None
+    if piece is None or piece.piece != symbol or piece.type != user:
+      raise ValueError(f"{model_path} has no user-defined piece {symbol!r} at id {i} (a "
+                       "vocabulary of another encoding?); delete it or use another path.")
+
+
 def load_or_train(
     model_path: str | os.PathLike,
     texts: Iterable[str] | Callable[[], Iterable[str]],
@@ -107,6 +128,7 @@ def load_or_train(
     character_coverage: float = 1.0,
     model_type: str = "unigram",
     max_sentences: int = 1_000_000,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Tokenizer:
   """Loads the SentencePiece model at `model_path`, training it first if absent.
 
@@ -123,6 +145,8 @@ def load_or_train(
     character_coverage: fraction of characters covered by the vocabulary.
     model_type: "unigram", "bpe", "char" or "word".
     max_sentences: train on at most the first this many texts.
+    user_defined_symbols: pieces always kept whole, at ids 3, 4, ... (an existing model
+      must have them there).
 
   Returns:
     The tokenizer.
@@ -131,7 +155,8 @@ def load_or_train(
     ValueError: training failed (e.g. vocab_size below the number of distinct
       characters), or an existing model has a larger vocabulary. (A smaller
       one is accepted, as small corpora give; put the vocab size in
-      `model_path` to keep models of different sizes apart.)
+      `model_path` to keep models of different sizes apart.) Or an existing
+      model lacks `user_defined_symbols`.
   """
   model_path = pathlib.Path(model_path)
   if model_path.exists():
@@ -142,10 +167,13 @@ def load_or_train(
           f"{model_path} has vocab_size={trained}, more than the requested "
           f"{vocab_size}; delete it or use another path."
       )
+    _check_symbols(proto, user_defined_symbols, model_path)
     return Tokenizer(proto)
   if callable(texts):
     texts = texts()
-  proto = _train(texts, vocab_size, character_coverage, model_type, max_sentences)
+  proto = _train(texts, vocab_size, character_coverage, model_type, max_sentences,
+                 user_defined_symbols)
+  _check_symbols(proto, user_defined_symbols, model_path)
   model_path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=model_path.parent, prefix=f".{model_path.name}.")
   with os.fdopen(fd, "wb") as f:

@@ -50,6 +50,11 @@ class TransformerConfig:
   share_embeddings: bool
   tie_output: bool
   copy_head: bool
+  fact_mask_len: int                # rows of the "facts" encoding's word-position mask
+  facts_separator_id: int           # resolved (from_config's argument): > 0 = the "facts"
+                                    # source encoding (model/facts.py), one encoder position per
+                                    # sentence, sentences ending at this token id or EOS;
+                                    # 0 = the "tokens" encoding, one position per token
   dtype: Any                        # the jnp dtype named by config.model.dtype
   remat: str
   scan_layers: bool
@@ -79,9 +84,11 @@ def _over_defaults(saved: dict, defaults: dict) -> dict:
   return out
 
 
-def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerConfig:
+def from_config(model_cfg: Any, vocab_size: int | None = None,
+                facts_separator_id: int = 0) -> TransformerConfig:
   """Validates `config.model` (a field it lacks takes its default) and returns the model's
-  TransformerConfig."""
+  TransformerConfig. `facts_separator_id`: the sentence separator's token id with
+  config.data.encoding="facts" (train.model_config sets it), 0 with "tokens"."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   m = ml_collections.ConfigDict(_over_defaults(
       model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg),
@@ -113,6 +120,13 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
   if not m.head_dim and m.emb_dim % m.num_heads:
     raise ValueError(f"config.model.num_heads: {m.num_heads} must divide emb_dim={m.emb_dim} "
                      "(or set config.model.head_dim)")
+  if m.fact_mask_len < 1:
+    raise ValueError(f"config.model.fact_mask_len: {m.fact_mask_len} must be >= 1 (rows of the "
+                     "facts encoding's per-word-position mask)")
+  if facts_separator_id and m.copy_head:
+    raise ValueError("config.model.copy_head: the copy head copies source tokens, but "
+                     "config.data.encoding='facts' gives the decoder one position per sentence; "
+                     "use copy_head=False or encoding='tokens'")
   if m.position.kind == "rotary" and head_dim % 2:
     raise ValueError(f"config.model.head_dim: rotary positions need an even head_dim, got {head_dim}")
   if m.position.kind == "rotary" and m.position.inject != "input":
@@ -124,7 +138,7 @@ def from_config(model_cfg: Any, vocab_size: int | None = None) -> TransformerCon
       vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
       num_kv_heads=num_kv, head_dim=head_dim, position=m.position.kind,
       position_inject=m.position.inject, position_layer_tables=m.position.layer_tables,
-      dtype=DTYPES[m.dtype], **act,
+      dtype=DTYPES[m.dtype], facts_separator_id=int(facts_separator_id), **act,
       encoder_schedules=tuple(scheds["encoder"].components.items()),
       decoder_schedules=tuple(scheds["decoder"].components.items()))
   same_name = {f.name: m[f.name] for f in dataclasses.fields(TransformerConfig)
@@ -171,6 +185,11 @@ def default_model_config():
   m.tie_output = True            # output projection = target token table
   m.copy_head = False            # pointer-generator output (See et al. 2017): the decoder may
                                  # copy source tokens (model/copy_head.py; summarization)
+  m.fact_mask_len = 24           # config.data.encoding="facts" (bAbI) only: rows of the learned
+                                 # mask [rows, emb_dim] that weights each word (SentencePiece
+                                 # piece) of a sentence by its position before the sum
+                                 # (model/facts.py); later words share the last row. 24 covers
+                                 # every bAbI sentence with the 256-piece vocabulary (longest 22)
   m.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
   m.remat = ""                   # gradient checkpointing: "" | "full" | "dots" | ...
   m.scan_layers = True           # True = each stack's layers as one rolled nn.scan (compile time

@@ -2,6 +2,9 @@
 
 Batches follow the Flax WMT example: `inputs`/`targets` int32 [b, length] with 0
 as padding, optional `*_positions` and `*_segmentation` for packed examples.
+With the facts encoding (`config.facts_separator_id`, bAbI's config.data.encoding="facts")
+the encoder runs on one position per sentence of the token rows (model/facts.py), and the
+decoder's cross-attention masks are over those positions.
 
 With adaptive computation time (`config.model.act`, model/act.py) the stacks sow their
 ponder statistics into the `ponder` collection: `model.apply(..., mutable=["ponder"])`
@@ -15,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from crosslayer.model import facts as facts_lib
 from crosslayer.model.config import TransformerConfig
 from crosslayer.model.copy_head import CopyHead
 from crosslayer.model.dropout import Dropout
@@ -47,6 +51,11 @@ class Transformer(nn.Module):
     cfg = self.config
     self.embed = TokenEmbed(cfg)
     self.target_embed = self.embed if cfg.share_embeddings else TokenEmbed(cfg)
+    if cfg.facts_separator_id:  # the facts encoding: one encoder position per sentence
+      if cfg.copy_head:
+        raise ValueError("config.model.copy_head: copies source tokens; the facts encoding "
+                         "has one encoder position per sentence")
+      self.fact_embed = facts_lib.FactEmbed(cfg)
     if cfg.position == "learned" and cfg.position_inject == "input":
       self.position_table = PositionTable(cfg)  # one table, shared by encoder and decoder
     self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_schedules)
@@ -62,9 +71,9 @@ class Transformer(nn.Module):
       self.copy_head = CopyHead(cfg)
     self.dropout = Dropout(cfg.dropout_rate, kernels=cfg.kernels)
 
-  def _embed(self, table, ids, positions):
+  def _embed(self, x, positions):
+    """Embeddings x [b, l, embed] + the input position signal, then dropout."""
     cfg = self.config
-    x = table(ids)
     if cfg.position_inject == "input":
       if cfg.position == "sinusoidal":
         x = x + sinusoid(positions, cfg.emb_dim, cfg.dtype)
@@ -73,14 +82,36 @@ class Transformer(nn.Module):
     return self.dropout(x, deterministic=cfg.deterministic)
 
   def encode(self, inputs, inputs_positions=None, inputs_segmentation=None):
-    """inputs [b, s] -> encoded [b, s, embed]."""
-    positions = _positions(inputs, inputs_positions)
-    mask = nn.make_attention_mask(inputs > 0, inputs > 0)
-    if inputs_segmentation is not None:
-      mask = nn.combine_masks(mask, nn.make_attention_mask(inputs_segmentation,
-                                                           inputs_segmentation, jnp.equal))
-    x = self._embed(self.embed, inputs, positions)
-    return self.encoder(x, mask, positions, nonpadding=inputs > 0)
+    """inputs [b, s] -> encoded [b, s, embed]; with the facts encoding (model/facts.py)
+    [b, F, embed], one position per sentence (F = ceil(s / 2); the facts' own positions
+    replace `inputs_positions`)."""
+    cfg = self.config
+    x = self.embed(inputs)                                              # [b, s, embed]
+    if cfg.facts_separator_id:
+      facts = facts_lib.layout(inputs, inputs_segmentation, cfg.facts_separator_id)
+      x = self.fact_embed(x, facts)                                     # [b, F, embed]
+      real, segmentation, positions = facts.segmentation > 0, facts.segmentation, facts.position
+    else:
+      real, segmentation = inputs > 0, inputs_segmentation
+      positions = _positions(inputs, inputs_positions)
+    mask = nn.make_attention_mask(real, real)
+    if segmentation is not None:
+      mask = nn.combine_masks(mask, nn.make_attention_mask(segmentation, segmentation,
+                                                           jnp.equal))
+    x = self._embed(x, positions)
+    return self.encoder(x, mask, positions, nonpadding=real)
+
+  def _source_keys(self, inputs, inputs_segmentation):
+    """(real [b, S] bool, segmentation [b, S] or None) of the encoded positions the decoder
+    attends to: the source tokens, or with the facts encoding its facts (S = F)."""
+    cfg = self.config
+    if not cfg.facts_separator_id:
+      return inputs > 0, inputs_segmentation
+    if cfg.decode:  # one source a row: no [b, s, F] layout at every step
+      return facts_lib.valid(inputs, cfg.facts_separator_id), None
+    segmentation = facts_lib.layout(inputs, inputs_segmentation,
+                                    cfg.facts_separator_id).segmentation
+    return segmentation > 0, segmentation
 
   def decode(self, encoded, inputs, targets, targets_positions=None, inputs_segmentation=None,
              targets_segmentation=None, decode_step=None):
@@ -91,24 +122,25 @@ class Transformer(nn.Module):
     position being decoded; the self-attention cache holds the earlier steps.
     """
     cfg = self.config
+    source, source_segmentation = self._source_keys(inputs, inputs_segmentation)
     if cfg.decode:
       dec_in = targets
       positions = jnp.full(targets.shape, decode_step if decode_step is not None else 0,
                            jnp.int32)
       self_mask = None
-      cross_mask = nn.make_attention_mask(jnp.ones_like(targets) > 0, inputs > 0)
+      cross_mask = nn.make_attention_mask(jnp.ones_like(targets) > 0, source)
     else:
       dec_in = shift_right(targets, targets_segmentation)
       positions = _positions(targets, targets_positions)
       self_mask = nn.combine_masks(nn.make_attention_mask(targets > 0, targets > 0),
                                    nn.make_causal_mask(targets))
-      cross_mask = nn.make_attention_mask(targets > 0, inputs > 0)
+      cross_mask = nn.make_attention_mask(targets > 0, source)
       if targets_segmentation is not None:
         self_mask = nn.combine_masks(self_mask, nn.make_attention_mask(
             targets_segmentation, targets_segmentation, jnp.equal))
         cross_mask = nn.combine_masks(cross_mask, nn.make_attention_mask(
-            targets_segmentation, inputs_segmentation, jnp.equal))
-    y = self._embed(self.target_embed, dec_in, positions)
+            targets_segmentation, source_segmentation, jnp.equal))
+    y = self._embed(self.target_embed(dec_in), positions)
     y = self.decoder(y, encoded, self_mask, cross_mask, positions, decode_step,
                      nonpadding=None if cfg.decode else targets > 0)
     logits = self.target_embed.attend(y) if cfg.tie_output else self.logits_dense(y)

@@ -4,6 +4,12 @@ Each question is one example: source = the story's last `config.data.max_story_s
 sentences before it and the question; target = the answer ("kitchen", "apple,football",
 "n,w"). A decoded answer is right when it equals the reference exactly. Errors are in %
 per task; a task fails when its error is above 5% (the bAbI convention).
+
+`config.data.encoding`: "tokens" gives the source as one text, the sentences joined by
+spaces, encoded one position per token; "facts" joins them with the separator symbol
+(data/tokenizer.py FACT_SEPARATOR, trained into the vocabulary as one piece),
+"s1.<sep> s2.<sep> question?", and the model encodes one position per sentence
+(model/facts.py), as MemN2N and the Universal Transformer do.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from crosslayer.data import babi, multi30k
+from crosslayer.data.tokenizer import FACT_SEPARATOR
 
 FAILED_ABOVE = 5.0   # % error
 ENCODINGS = ("tokens", "facts")
@@ -20,14 +27,18 @@ def check_encoding(encoding: str) -> None:
   if encoding not in ENCODINGS:
     raise ValueError(f"config.data.encoding: {encoding!r} is not one of "
                      f"{', '.join(map(repr, ENCODINGS))}")
-  if encoding == "facts":
-    raise ValueError("config.data.encoding: 'facts' (one encoder position per sentence) is not "
-                     "built yet; use 'tokens' (the story and question as one token sequence)")
 
 
-def source_text(q: babi.Question, max_story_sentences: int) -> str:
+def source_text(q: babi.Question, max_story_sentences: int, encoding: str = "tokens") -> str:
+  """The cut story's sentences and the question as one text: joined by spaces ("tokens"),
+  or each but the last followed by the separator ("facts": "s1.<sep> s2.<sep> q?", so every
+  sentence keeps the pieces it has in the tokens encoding)."""
+  check_encoding(encoding)
   story, _ = babi.cut(q.story, q.supporting, max_story_sentences)
-  return " ".join(story + (q.question,))
+  sentences = story + (q.question,)
+  if encoding == "facts":
+    return (FACT_SEPARATOR + " ").join(s.replace(FACT_SEPARATOR, " ") for s in sentences)
+  return " ".join(sentences)
 
 
 def read_split(config, split: str):
@@ -36,7 +47,7 @@ def read_split(config, split: str):
   check_encoding(d.encoding)
   data_dir = multi30k.resolve_data_dir(d.data_dir, "babi")
   questions = babi.read_split(data_dir, d.dataset, d.tasks, split, d.valid_fraction)
-  return ([source_text(q, d.max_story_sentences) for q in questions],
+  return ([source_text(q, d.max_story_sentences, d.encoding) for q in questions],
           [q.answer for q in questions], [q.task for q in questions])
 
 
