@@ -37,7 +37,7 @@ def get_config(arg: str = "aeslc"):
   e.length_penalty = 0.6
   m.max_len = 256
   if arg == "aeslc":
-    # The 90-minute CPU budget (issue 5). From the aeslc_quick tuning (BENCHMARKS.md): the
+    # The 90-minute CPU budget (issue 5). From the aeslc_quick tuning (docs/benchmark-history.md): the
     # email's opening carries the subject, the number of emails seen limits a CPU run more
     # than the model size, and copying source words pays; 14k emails seen ~17 times in 90
     # minutes on one core want more dropout than the quick config's 0.1.
@@ -54,7 +54,7 @@ def get_config(arg: str = "aeslc"):
     m.dropout_rate, m.attention_dropout_rate = 0.2, 0.1
     m.copy_head = True
   elif arg == "aeslc_quick":
-    # Tuned on dev (runs in BENCHMARKS.md): a small fast model on the email's first
+    # Tuned on dev (runs in docs/benchmark-history.md): a small fast model on the email's first
     # 24 tokens learns more in 10 minutes than a bigger one on longer inputs.
     d.vocab_size = 4000
     d.max_len_inputs = 24             # the subject is mostly about the email's opening
