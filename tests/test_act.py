@@ -88,13 +88,18 @@ def reference_encode(cfg, params, per_layer, stop=None):
   d, real = cfg.emb_dim, INPUTS > 0
   pos = np.broadcast_to(np.arange(INPUTS.shape[1]), INPUTS.shape)
   mask = real[:, None, :, None] & real[:, None, None, :]
-  state = params["embed"]["embedding"][INPUTS] * math.sqrt(d) + sinusoid_np(pos, d)
+  every_layer = cfg.position_inject == "every_layer"
+  state = params["embed"]["embedding"][INPUTS] * math.sqrt(d)
+  if not every_layer:
+    state = state + sinusoid_np(pos, d)
   num_sets = tuple((c, 1) for c, _ in cfg.encoder_schedules)
   probs, out, r = [], jnp.zeros_like(state), jnp.zeros(INPUTS.shape)
   running_sum = jnp.zeros(INPUTS.shape)
   for n, lp in enumerate(per_layer):
     halting = lp["halting"]
-    p = 1.0 / (1.0 + jnp.exp(-(state @ halting["kernel"] + halting["bias"])))
+    # The Universal Transformer's halting unit sees the step's position + timestep signal.
+    seen = state + sinusoid_np(pos, d) + sinusoid_np(n, d) if every_layer else state
+    p = 1.0 / (1.0 + jnp.exp(-(seen @ halting["kernel"] + halting["bias"])))
     probs.append(p)
     layer = {k: v for k, v in lp.items() if k != "halting"}
     state, _ = EncoderLayer(cfg, num_sets).apply({"params": layer}, state,
@@ -131,10 +136,11 @@ def halting_steps(probs, real):
   return stop
 
 
-@pytest.mark.parametrize("strategy", ["all", "cycle"])
-def test_act_equals_unrolled_reference_values_and_gradients(strategy):
+@pytest.mark.parametrize("strategy,inject", [("all", "input"), ("cycle", "input"),
+                                             ("all", "every_layer")])
+def test_act_equals_unrolled_reference_values_and_gradients(strategy, inject):
   with jax.enable_x64(True):
-    cfg = act_cfg(strategy, **{"act.early_exit": False})
+    cfg = act_cfg(strategy, **{"act.early_exit": False, "position.inject": inject})
     assert dict(cfg.encoder_schedules)["halting"] == dict(cfg.encoder_schedules)["feed_forward"]
     params = steered_params(cfg, encoder_only=True)
     model = Transformer(cfg)

@@ -9,7 +9,8 @@ Every step (`ACTStep`, the body the stack's scan or while loop applies) follows
 tensor2tensor's `universal_transformer_act_basic`, in its order:
 
   p = sigmoid(dense(state))                         the halting unit; `state` is the
-                                                    stack's state entering the layer
+                                                    stack's state entering the layer (+
+                                                    the step's timing signal, below)
   still_running = prob < 1
   new_halted    = (prob + p * still_running >  threshold) * still_running
   still_running = (prob + p * still_running <= threshold) * still_running
@@ -30,11 +31,11 @@ passes the threshold takes all N steps with R(t) = 0, as in the reference. Its p
 cost is N(t) + R(t) (`losses.ponder_sums`).
 
 Where this differs from the reference, and why:
-  * The halting unit sees the state entering the layer, before the layer adds its own
-    position/timestep signal (`config.model.position.inject = "every_layer"`): the layer
-    adds that signal inside itself (`layers.py`). With `inject = "input"` (the default)
-    that state is the layer's whole input; the reference computes p after adding the
-    signal.
+  * With `config.model.position.inject = "every_layer"` and sinusoidal positions the
+    halting unit sees the state plus this step's position and timestep signal, as in the
+    reference (the layer adds the same signal to its input, `layers.py`). With learned
+    per-layer position tables (a component of the layer) it sees the state before the
+    table's rows are added.
   * The reference writes `previous_state * 1 - update_weights` (operator precedence);
     the update here is the intended `output * (1 - w)`.
   * Padding positions (`nonpadding` false) start halted (prob = 1, N = R = 0, output 0):
@@ -54,6 +55,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from crosslayer.model.config import TransformerConfig
+from crosslayer.model.layers import add_timing_signal
 from crosslayer.model.sets import component
 
 HALTING = "halting"  # the component name (sharing.resolve_schedules, accounting)
@@ -135,8 +137,13 @@ class ACTStep(nn.Module):
     cfg = self.config
     state, halt = carry
     index = None if xs["sets"] is None else xs["sets"][HALTING]
+    seen = state
+    if cfg.position_inject == "every_layer" and cfg.position != "learned":
+      # As the reference: p from the state after this step's position + timestep signal
+      # (the same sum the layer computes as its input).
+      seen = add_timing_signal(cfg, state, args[self.layer_cls.POSITIONS_ARG], xs["layer"])
     p = component(self, HaltingUnit, HALTING, index, dict(self.num_sets).get(HALTING, 1),
-                  config=cfg)(state)                                        # [b, l]
+                  config=cfg)(seen)                                         # [b, l]
     new_halt, w = halting_step(halt, p, cfg.act_threshold)
     transformed, _ = self.layer(state, xs, *args)                            # [b, l, embed]
     w = w[..., None]

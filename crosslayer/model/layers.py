@@ -33,6 +33,13 @@ def layer_norm(cfg: TransformerConfig, **kw):
               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), **kw)
 
 
+def add_timing_signal(cfg: TransformerConfig, x, positions, layer):
+  """x + the Universal Transformer's sinusoidal position signal + the timestep signal of
+  `layer` (position.inject="every_layer" with sinusoidal positions)."""
+  timestep = sinusoid(jnp.asarray(layer)[None], cfg.emb_dim, cfg.dtype)
+  return x + sinusoid(positions, cfg.emb_dim, cfg.dtype) + timestep
+
+
 class _Layer(nn.Module):
   """Shared plumbing of encoder and decoder layers."""
   config: TransformerConfig
@@ -53,8 +60,7 @@ class _Layer(nn.Module):
       return x
     if cfg.position == "learned":
       return x + self.part(PositionTable, "position", "position", sets, config=cfg)(positions)
-    timestep = sinusoid(jnp.asarray(layer)[None], cfg.emb_dim, cfg.dtype)
-    return x + sinusoid(positions, cfg.emb_dim, cfg.dtype) + timestep
+    return add_timing_signal(cfg, x, positions, layer)
 
   def sublayer(self, x, fn, norm_name, sets):
     """Residual sublayer, pre-LN (x + f(LN(x))) or post-LN (LN(x + f(x)))."""
@@ -67,6 +73,7 @@ class _Layer(nn.Module):
 
 class EncoderLayer(_Layer):
   """Self-attention + feed-forward. x [b, s, embed] -> same."""
+  POSITIONS_ARG = 1  # __call__(x, xs, mask, positions): where `positions` is in the args
 
   @nn.compact
   def __call__(self, x, xs, mask, positions):
@@ -81,6 +88,7 @@ class EncoderLayer(_Layer):
 
 class DecoderLayer(_Layer):
   """Causal self-attention + cross-attention + feed-forward. y [b, t, embed] -> same."""
+  POSITIONS_ARG = 3  # __call__(y, xs, encoded, self_mask, cross_mask, positions, decode_step)
 
   @nn.compact
   def __call__(self, y, xs, encoded, self_mask, cross_mask, positions, decode_step):
