@@ -220,7 +220,7 @@ def test_early_exit_gives_the_scan_outputs_and_stops_early(strategy):
         assert int(sb["ponder"]["encoder"]["layers_run"]) == LAYERS  # a position never halts
 
 
-@pytest.mark.parametrize("decode_scan", [False, True])
+@pytest.mark.parametrize("decode_scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_decoder_act_cached_decoding_equals_teacher_forcing(decode_scan):
   """The state chain does not depend on halting, so decoding runs every layer (each fills
   its cache) and mixes the outputs as teacher forcing does."""

@@ -179,10 +179,14 @@ CASES = {
 
 
 # (case, config.model.scan_layers): every case as a rolled scan; a few with the scan unrolled.
-SCAN_CASES = [(name, True) for name in CASES] + [
-    (name, False) for name in ("none", "cycle_rev",
-                               "norms_only_multi_query_rotary_post_ln_untied_remat",
-                               "copy_head_cycle_untied")]
+SLOW = pytest.mark.slow  # left out of the fast loop (`-m "not slow"`); the full suite runs them
+FAST_CASES = ("none", "cycle_rev", "norms_only_multi_query_rotary_post_ln_untied_remat",
+              "ut_learned_per_layer_tables_gqa")  # the fast loop's rows of each table
+SCAN_CASES = [(name, True) if name in FAST_CASES else pytest.param(name, True, marks=SLOW)
+              for name in CASES] + [
+    pytest.param(name, False, marks=SLOW)
+    for name in ("none", "cycle_rev", "norms_only_multi_query_rotary_post_ln_untied_remat",
+                 "copy_head_cycle_untied")]
 
 
 @pytest.mark.parametrize("name,scan_layers", SCAN_CASES)
@@ -252,12 +256,14 @@ def test_parameter_count_formula_by_hand():
   assert accounting.parameter_counts(cfg)["effective"] == eff
 
 
-DECODE_CASES = [(name, False, 1) for name in ["sandwich"] + list(CASES)[7:]] + [
+DECODE_CASES = [(name, False, 1) if name in ("sandwich", "none", "cycle_rev")
+                else pytest.param(name, False, 1, marks=SLOW)
+                for name in ["sandwich"] + list(CASES)[7:]] + [
     # (case, config.model.decode_scan, beams sharing one memory row per example)
-    ("sandwich", True, 1),
-    ("norms_only_multi_query_rotary_post_ln_untied_remat", True, 3),
-    ("ut_learned_per_layer_tables_gqa", False, 2),
-    ("copy_head_cycle_untied", False, 2),
+    pytest.param("sandwich", True, 1, marks=SLOW),
+    pytest.param("norms_only_multi_query_rotary_post_ln_untied_remat", True, 3, marks=SLOW),
+    pytest.param("ut_learned_per_layer_tables_gqa", False, 2, marks=SLOW),
+    pytest.param("copy_head_cycle_untied", False, 2, marks=SLOW),
 ]
 
 
@@ -318,6 +324,7 @@ def test_copy_head_mixes_two_distributions():
       np.testing.assert_allclose(p[row][real][:, source].sum(-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_packed_segments_equal_separate_examples():
   with jax.enable_x64(True):
     cfg = tiny(**CASES["cycle"])
@@ -336,6 +343,7 @@ def test_packed_segments_equal_separate_examples():
     np.testing.assert_allclose(packed[0, 3:5], model.apply(params, b_in, b_tg)[0], atol=1e-10)
 
 
+@pytest.mark.slow
 def test_dropout_masks_differ_and_bf16_runs():
   cfg = tiny(**CASES["all"]).replace(dtype=jnp.float32, param_dtype=jnp.float32,
                                      dropout_rate=0.5, deterministic=False)
@@ -352,6 +360,7 @@ def test_dropout_masks_differ_and_bf16_runs():
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cycle_rev", "none"])
 def test_unrolled_scan_keeps_params_and_dropout_streams(name):
   """scan_layers=False: the same param tree, and with dropout on the same outputs and
@@ -392,6 +401,7 @@ def test_schedules_recorded_in_config():
   assert dict(cfg.encoder_schedules)["feed_forward"] == sharing.schedule("sandwich", 4, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cycle_rev", "sandwich"])
 def test_predict_unrolled_with_split_sets_equals_rolled_scan(name):
   """make_predict_fn's unrolled decoder reads each layer's set from the sets split once
@@ -408,7 +418,9 @@ def test_predict_unrolled_with_split_sets_equals_rolled_scan(name):
 
 
 # --- config.model.kernels: the CPU-tuned ops and stock Flax/JAX ops build one model. ------
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [
+    n if n in ("none", "norms_only_multi_query_rotary_post_ln_untied_remat")
+    else pytest.param(n, marks=SLOW) for n in CASES])
 def test_cpu_kernels_equal_stock_ops(name):
   """kernels="cpu" (custom VJPs, optimization barriers, our LayerNorm) and kernels="xla"
   (nn.Dense / nn.LayerNorm / nn.Dropout, autodiff): the same param tree (names, shapes,
