@@ -22,7 +22,8 @@ from crosslayer import accounting, flops, losses, sharing
 from crosslayer.model.config import default_model_config, from_config
 from crosslayer.model.layers import EncoderLayer
 from crosslayer.model.transformer import Transformer
-from tests.test_model import COMPONENT_OF, INPUTS, TARGETS, sinusoid_np, tiny
+from tests.test_model import (COMPONENT_OF, INPUTS, TARGETS, assert_cached_decoding_equals,
+                               sinusoid_np, tiny)
 
 COMPONENT_OF = {**COMPONENT_OF, "halting": "halting"}
 THRESHOLD = 0.99
@@ -240,14 +241,7 @@ def test_decoder_act_cached_decoding_equals_teacher_forcing(decode_scan):
       return encoded, model.apply(p, encoded, INPUTS, jnp.zeros((b, t), jnp.int32),
                                   mutable=["cache"], method=Transformer.decode)[1]
     encoded, cache = start(params)
-    prev = np.pad(TARGETS, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, INPUTS, tok,
-                                                 decode_step=i, mutable=["cache"],
-                                                 method=Transformer.decode))
-    for i in range(t):
-      logits, cache = step(cache, prev[:, i:i + 1], i)
-      real = TARGETS[:, i] > 0
-      np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
+    assert_cached_decoding_equals(model, params, cache, encoded, INPUTS, TARGETS, full)
 
 
 def _shapes(tree):

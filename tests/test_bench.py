@@ -100,6 +100,8 @@ def _no_peer(reason: str):
   if os.environ.get("CROSSLAYER_REQUIRE_PEERS"):
     pytest.fail(f"{reason}, but CROSSLAYER_REQUIRE_PEERS is set: {PEERS_HINT}")
   pytest.skip(f"{reason}: {PEERS_HINT}")
+
+
 TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
 COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
 

@@ -19,6 +19,7 @@ from crosslayer.model import facts
 from crosslayer.model.config import default_model_config, from_config
 from crosslayer.model.transformer import Transformer
 from crosslayer.tasks import qa
+from tests.test_model import assert_cached_decoding_equals
 
 SEP = tokenizer_lib.FACT_SEPARATOR_ID  # 3
 EOS = tokenizer_lib.EOS_ID             # 1
@@ -151,14 +152,7 @@ def test_cached_decoding_equals_teacher_forcing(overrides, beams):
     cache = traverse_util.unflatten_dict(  # memory_*: one row per example; the rest per beam
         {k: v if k[-1].startswith("memory_") else v[rows] for k, v in flat.items()})
     encoded, inputs, targets, full = encoded[rows], inputs[rows], targets[rows], full[rows]
-    prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,
-                                                 decode_step=i, mutable=["cache"],
-                                                 method=Transformer.decode))
-    for i in range(t):
-      logits, cache = step(cache, prev[:, i:i + 1], i)
-      real = targets[:, i] > 0
-      np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
+    assert_cached_decoding_equals(model, params, cache, encoded, inputs, targets, full)
 
 
 def test_mask_param_axes_and_counts():

@@ -297,14 +297,20 @@ def test_cached_decoding_equals_teacher_forcing(name, decode_scan, beams):
     cache = traverse_util.unflatten_dict(  # memory_*: one row per example; the rest per beam
         {k: v if k[-1].startswith("memory_") else take(k, v) for k, v in flat.items()})
     encoded, inputs, targets, full = encoded[rows], INPUTS[rows], TARGETS[rows], full[rows]
-    prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,
-                                                 decode_step=i, mutable=["cache"],
-                                                 method=Transformer.decode))
-    for i in range(t):
-      logits, cache = step(cache, prev[:, i:i + 1], i)
-      real = targets[:, i] > 0
-      np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
+    assert_cached_decoding_equals(model, params, cache, encoded, inputs, targets, full)
+
+
+def assert_cached_decoding_equals(model, params, cache, encoded, inputs, targets, full):
+  """Decodes `targets` token by token from `cache` (the previous target token fed at each
+  step) and checks every real position's logits against the teacher-forced `full`."""
+  prev = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  step = jax.jit(lambda c, tok, i: model.apply({**params, **c}, encoded, inputs, tok,
+                                               decode_step=i, mutable=["cache"],
+                                               method=Transformer.decode))
+  for i in range(targets.shape[1]):
+    logits, cache = step(cache, prev[:, i:i + 1], i)
+    real = targets[:, i] > 0
+    np.testing.assert_allclose(logits[real, 0], full[real, i], rtol=0, atol=1e-10)
 
 
 def test_copy_head_mixes_two_distributions():
