@@ -76,23 +76,16 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
 
-def _over_defaults(saved: dict, defaults: dict) -> dict:
-  """`saved` with every field it lacks (at any depth) taken from `defaults`."""
-  out = dict(defaults)
-  for k, v in saved.items():
-    out[k] = _over_defaults(v, defaults[k]) if isinstance(defaults.get(k), dict) else v
-  return out
-
-
 def from_config(model_cfg: Any, vocab_size: int | None = None,
                 facts_separator_id: int = 0) -> TransformerConfig:
   """Validates `config.model` (a field it lacks takes its default) and returns the model's
   TransformerConfig. `facts_separator_id`: the sentence separator's token id with
   config.data.encoding="facts" (train.model_config sets it), 0 with "tokens"."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  m = ml_collections.ConfigDict(_over_defaults(
-      model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg),
-      default_model_config().to_dict()))
+  from crosslayer import workdir  # pylint: disable=g-import-not-at-top (it imports this module)
+  m = ml_collections.ConfigDict(workdir.merge(
+      default_model_config().to_dict(),
+      model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)))
 
   def check(field, value, allowed):
     if value not in allowed:
