@@ -9,6 +9,12 @@ stack, M, N, unique and effective parameters, training FLOPs, train tokens/s, st
 task's metrics as mean ± std over the finished seeds (std with ddof=1), the experiment's
 `columns`, Δ of the primary metric against the baseline, and seeds finished / planned.
 Runs not finished are never averaged in: `2/3` says one is missing, `(1 failed)` why.
+
+Runs that report per-task errors (question answering: eval[split]["per_task_error"]) also
+get DIR/per_task.md and DIR/per_task.csv: each task's error per variant on each evaluated
+split but the validation one, as mean ± std over the finished seeds and as the error of the
+seed with the lowest validation mean error (the selection the Universal Transformer paper
+reports), with the mean error and the failed tasks (error > 5 %) the same two ways.
 """
 
 from __future__ import annotations
@@ -183,7 +189,74 @@ def write_report(root: str | Path, baseline: str = "", columns=None) -> dict:
     writer.writeheader()
     writer.writerows(csv_rows)
   _plots(root, table, primary)
-  return {"rows": table, "metrics": metrics, "baseline": baseline}
+  tasks = per_task(manifest, results)
+  if tasks:
+    _write_per_task(root, manifest, tasks)
+  return {"rows": table, "metrics": metrics, "baseline": baseline, "per_task": tasks}
+
+
+def per_task(manifest: dict, results: dict) -> list[dict]:
+  """One dict per (variant, split) of the runs that report per-task errors: {"variant",
+  "split", "tasks", "finished", "planned", "best_seed", cells} where each cell ("qa1", ...,
+  "mean_error", "failed_tasks") is {"mean", "std", "best"}: over the finished seeds, and the
+  value of the seed with the lowest validation mean error."""
+  out = []
+  for v in dict.fromkeys(r["variant"] for r in manifest["runs"]):
+    runs = [r for r in manifest["runs"] if r["variant"] == v]
+    done = [(r["seed"], results[r["name"]]) for r in runs if results[r["name"]]]
+    done = [(seed, r) for seed, r in done
+            if any("per_task_error" in e for e in r["eval"].values())]
+    if not done:
+      continue
+    valid = done[0][1]["config"]["data"].get("valid_split")
+    best_seed, best = min(done, key=lambda sr: (
+        sr[1]["eval"][valid]["mean_error"] if valid in sr[1]["eval"] else math.inf, sr[0]))
+    splits = [s for s, e in done[0][1]["eval"].items() if "per_task_error" in e and s != valid]
+    for split in splits or [valid]:
+      evs = [r["eval"][split] for _, r in done]
+      tasks = sorted({t for e in evs for t in e["per_task_error"]}, key=lambda t: int(t[2:]))
+      row = {"variant": v, "split": split, "tasks": tasks, "finished": len(done),
+             "planned": len(runs), "best_seed": best_seed}
+      for key in tasks + ["mean_error", "failed_tasks"]:
+        get = (lambda e, key=key: e["per_task_error"].get(key)) if key in tasks else (
+            lambda e, key=key: e[key])
+        m, sd = mean_std([float(get(e)) for e in evs if get(e) is not None])
+        b = get(best["eval"][split])
+        row[key] = {"mean": m, "std": sd, "best": math.nan if b is None else float(b)}
+      out.append(row)
+  return out
+
+
+def _write_per_task(root: Path, manifest: dict, tasks: list[dict]) -> None:
+  lines = [f"# {manifest['experiment']}: error (%) per task", "",
+           "Mean ± std over the finished seeds (std with ddof=1), and the error of the seed with "
+           "the lowest validation mean error (`best`, its seed in the header). A task fails at "
+           f"an error above 5 %. Written by `python -m crosslayer.report {root}`.", ""]
+  csv_rows = []
+  for split in dict.fromkeys(t["split"] for t in tasks):
+    cols = [t for t in tasks if t["split"] == split]
+    keys = list(dict.fromkeys(k for t in cols for k in t["tasks"])) + ["mean_error",
+                                                                       "failed_tasks"]
+    header = ["task"] + [c for t in cols for c in (
+        f"{t['variant']} ({t['finished']}/{t['planned']} seeds)",
+        f"{t['variant']} best (seed {t['best_seed']})")]
+    lines += [f"## {split}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k in keys:
+      name = {"mean_error": "**mean error**", "failed_tasks": "**failed tasks**"}.get(k, k)
+      cells = [name]
+      for t in cols:
+        c = t.get(k, {"mean": math.nan, "std": math.nan, "best": math.nan})
+        cells += [_pm((c["mean"], c["std"])), _num(c["best"], 0 if k == "failed_tasks" else 2)]
+        csv_rows.append({"split": split, "variant": t["variant"], "task": k, "mean": c["mean"],
+                         "std": c["std"], "best": c["best"], "best_seed": t["best_seed"],
+                         "seeds_finished": t["finished"], "seeds_planned": t["planned"]})
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  (root / "per_task.md").write_text("\n".join(lines))
+  with open(root / "per_task.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+    writer.writeheader()
+    writer.writerows(csv_rows)
 
 
 def _plots(root: Path, table: list[dict], primary: str | None) -> None:

@@ -98,3 +98,67 @@ def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
   train_lines = [l for l in lines if l["kind"] == "train"]
   assert train_lines and all(1.0 <= l["ponder/encoder/mean"] <= num_layers for l in train_lines)
   assert any("ponder/encoder/mean" in l for l in lines if l["kind"] == "eval_valid")
+  # The latency benchmark: batch-1 answers of two workdirs in turn, the same as batched ones.
+  import shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  twin = tmp_path.parent / f"{tmp_path.name}_twin"
+  shutil.copytree(tmp_path, twin)
+  proc = subprocess.run([sys.executable, "-m", "crosslayer.bench", "latency",
+                         f"--workdirs={tmp_path},{twin}", f"--input={tmp_path / 'in.txt'}",
+                         "--num_inputs=3"], cwd=Path(__file__).parents[1],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in proc.stdout.splitlines()]
+  assert [r["workdir"] for r in rows] == [str(tmp_path), str(twin)]
+  for r in rows:
+    assert r["name"] == "latency" and r["task"] == "qa" and r["batch"] == 1
+    assert r["inputs"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] and r["same_as_batched"] == 1.0
+    assert r["checkpoint_step"] == config.train.num_steps
+    assert r["unique_params"] == results["unique_params"]
+
+
+def test_report_per_task_errors_match_numpy(tmp_path):
+  """crosslayer.report's per-task table of a QA sweep: means and stds over the finished seeds
+  and the seed chosen by validation mean error, recomputed here from the results.json files."""
+  from crosslayer import report  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tasks = ["qa1", "qa2", "qa10"]
+  runs, errs = [], {}
+  for v in ("transformer", "universal"):
+    for seed in (0, 1, 2):
+      name = f"{v}/seed{seed}"
+      runs.append({"name": name, "variant": v, "seed": seed, "dir": name, "num_steps": 10})
+      if (v, seed) == ("universal", 2):
+        continue  # not finished: 2 of 3 seeds
+      ev = {}
+      for split in ("valid", "test"):
+        e = {t: float(rng.uniform(0, 30)) for t in tasks}
+        ev[split] = {"per_task_error": e, "mean_error": float(np.mean(list(e.values()))),
+                     "failed_tasks": sum(x > 5 for x in e.values()), "answer_accuracy": 0.5}
+      errs[(v, seed)] = ev
+      result = {"task": "qa", "step": 10, "eval": ev, "config": {"data": {"valid_split": "valid"}},
+                "schedules": {"encoder": {"ffn": [0, 0]}, "decoder": {"ffn": [0]}},
+                "unique_params": 1, "effective_params": 2, "train_flops": 1.0,
+                "train_tokens_per_second": 1.0}
+      (tmp_path / name).mkdir(parents=True)
+      (tmp_path / name / "results.json").write_text(json.dumps(result))
+  (tmp_path / "sweep.json").write_text(json.dumps({"experiment": "t", "scale": "cpu",
+                                                   "runs": runs}))
+  out = report.write_report(tmp_path)
+  by = {(r["variant"], r["split"]): r for r in out["per_task"]}
+  assert set(by) == {("transformer", "test"), ("universal", "test")}
+  for v, seeds in (("transformer", (0, 1, 2)), ("universal", (0, 1))):
+    row = by[(v, "test")]
+    best = min(seeds, key=lambda s: errs[(v, s)]["valid"]["mean_error"])
+    assert row["best_seed"] == best and (row["finished"], row["planned"]) == (len(seeds), 3)
+    for t in tasks:
+      x = [errs[(v, s)]["test"]["per_task_error"][t] for s in seeds]
+      assert row[t]["mean"] == pytest.approx(np.mean(x), abs=1e-12)
+      assert row[t]["std"] == pytest.approx(np.std(x, ddof=1), abs=1e-12)
+      assert row[t]["best"] == errs[(v, best)]["test"]["per_task_error"][t]
+    failed = [errs[(v, s)]["test"]["failed_tasks"] for s in seeds]
+    assert row["failed_tasks"]["mean"] == pytest.approx(np.mean(failed))
+    assert row["failed_tasks"]["best"] == errs[(v, best)]["test"]["failed_tasks"]
+  text = (tmp_path / "per_task.md").read_text()
+  assert "| task | transformer (3/3 seeds) | transformer best (seed" in text
+  assert "universal (2/3 seeds)" in text and "| qa10 |" in text and "**failed tasks**" in text
+  assert (tmp_path / "per_task.csv").read_text().startswith("split,variant,task,")

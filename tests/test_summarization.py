@@ -9,8 +9,9 @@ import pytest
 from configs import summarization
 from crosslayer import train
 from crosslayer.data import aeslc
-from crosslayer.decode import decode_file, read_sources
+from crosslayer.decode import decode_file
 from crosslayer.tasks import summarization as task
+from crosslayer.trained import read_sources
 
 AESLC = Path(__file__).resolve().parents[2] / "shared" / "data" / "aeslc"
 

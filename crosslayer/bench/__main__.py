@@ -1,6 +1,6 @@
 """`python -m crosslayer.bench SUITE [flags]`: one JSON object per line on stdout.
 
-Suites: compile, train, memory, decode, dropout, matmul (see each function in suites.py), profile
+Suites: compile, train, memory, decode, latency, dropout, matmul (see each function in suites.py), profile
 (profile.py), vs_flax_wmt (vs_flax_wmt.py) and vs_torch (vs_torch.py). Logs go to stderr.
 """
 
@@ -37,11 +37,17 @@ flags.DEFINE_list("scan_layers", None, "train, profile, vs_flax_wmt: our layers 
                   "scan (true) and/or unrolled (false; config.model.scan_layers), a row each; "
                   "default true,false (profile, vs_flax_wmt compile: true).")
 flags.DEFINE_list("what", None, "vs_flax_wmt: train_step, compile, decode (default: all).")
+flags.DEFINE_list("workdirs", None, "latency: trained workdirs (crosslayer.main), timed in turn.")
+flags.DEFINE_string("input", None, "latency: an input file as `crosslayer.decode --input` reads it "
+                    "for the workdirs' task (bAbI stories, one source a line, JSONL).")
+flags.DEFINE_integer("num_inputs", 100, "latency: inputs timed per workdir, evenly spaced through "
+                     "--input (all of them when it has fewer).")
+flags.DEFINE_string("checkpoint", "latest", "latency: latest | best | a step number.")
 flags.DEFINE_enum("kernels", "auto", ["auto", "xla", "cpu"], "Our models' config.model.kernels: "
                   "auto (CPU-tuned ops on the CPU backend), xla (stock Flax ops), cpu (tuned); "
                   "rows report the resolved path. The dropout and matmul suites time both.")
 
-SUITES = ("compile, train, memory, decode, dropout, matmul, profile, mesh, vs_flax_wmt, "
+SUITES = ("compile, train, memory, decode, latency, dropout, matmul, profile, mesh, vs_flax_wmt, "
           "vs_torch")
 
 

@@ -206,6 +206,58 @@ def suite_decode(flags_):
                    "kernels": common.kernels(cfg)})
 
 
+def suite_latency(flags_):
+  """Answer latency of trained workdirs: one input at batch 1, end to end (tokenize, encode,
+  greedy or beam search as the workdir's config.decode says, ACT's early exit included,
+  detokenize), the workdirs timed in turn on the same inputs after a warm-up pass over all
+  of them (which compiles every length bucket). A row per workdir; `same_as_batched` is the
+  fraction of inputs whose batch-1 output equals the output of one batched decode."""
+  from crosslayer import trained  # pylint: disable=g-import-not-at-top
+  if not flags_.workdirs or not flags_.input:
+    raise SystemExit("error: bench latency needs --workdirs=DIR[,DIR...] and --input=FILE")
+  if len(set(flags_.workdirs)) != len(flags_.workdirs):
+    raise SystemExit(f"error: --workdirs: {','.join(flags_.workdirs)} names a workdir twice")
+  models = {}
+  for wd in flags_.workdirs:
+    try:
+      config, tok, cfg, params, steps = trained.load_workdir(wd, which=flags_.checkpoint)
+      sources = trained.read_inputs(config, flags_.input)
+    except ValueError as e:
+      raise SystemExit(f"error: {wd}: {e}") from None
+    keep = np.unique(np.linspace(0, len(sources) - 1, min(flags_.num_inputs, len(sources))
+                                 ).round().astype(int)) if sources else []
+    predict = evaluate.predict_fn_from_config(cfg, config)
+    answer = lambda texts, rows, predict=predict, params=params, tok=tok, config=config: (
+        evaluate.decode_texts(predict, params, tok, texts, batch_rows=rows,
+                              max_len_inputs=config.data.max_len_inputs))
+    models[wd] = {"answer": answer, "sources": [sources[i] for i in keep], "cfg": cfg,
+                  "config": config, "step": steps[-1]}
+  for wd, m in models.items():  # warm-up; the batched reference
+    m["batch1"] = [m["answer"]([src], 1)[0] for src in m["sources"]]
+    m["batched"] = m["answer"](m["sources"], m["config"].decode.batch_rows)
+    m["seconds"] = []
+  for i in range(max(len(m["sources"]) for m in models.values())):
+    for m in models.values():
+      if i < len(m["sources"]):
+        start = time.perf_counter()
+        m["answer"]([m["sources"][i]], 1)
+        m["seconds"].append(time.perf_counter() - start)
+  for wd, m in models.items():
+    ms = 1000 * np.asarray(m["seconds"])
+    counts = accounting.parameter_counts(m["cfg"])
+    common.emit({"name": "latency", "workdir": wd, "task": m["config"].task,
+                 "checkpoint_step": int(m["step"]), "inputs": len(ms), "batch": 1,
+                 "beam_size": int(m["config"].decode.beam_size),
+                 "median_ms": float(np.median(ms)) if len(ms) else float("nan"),
+                 "p90_ms": float(np.percentile(ms, 90)) if len(ms) else float("nan"),
+                 "mean_ms": float(ms.mean()) if len(ms) else float("nan"),
+                 "same_as_batched": float(np.mean([a == b for a, b in zip(m["batch1"],
+                                                                          m["batched"])]))
+                 if len(ms) else float("nan"),
+                 "unique_params": counts["unique"], "effective_params": counts["effective"],
+                 "kernels": common.kernels(m["cfg"])})
+
+
 def suite_mesh(flags_):
   """Per-device params / optimizer bytes and step time on meshes of 8 devices (bench/mesh.py)."""
   from crosslayer.bench import mesh  # pylint: disable=g-import-not-at-top
