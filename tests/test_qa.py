@@ -114,6 +114,12 @@ def test_tiny_joint_babi_run_trains_evaluates_and_decodes(tmp_path):
     assert r["inputs"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] and r["same_as_batched"] == 1.0
     assert r["checkpoint_step"] == config.train.num_steps
     assert r["unique_params"] == results["unique_params"]
+  (tmp_path / "empty.txt").write_text("")  # no inputs: one clear error, no row
+  proc = subprocess.run([sys.executable, "-m", "crosslayer.bench", "latency",
+                         f"--workdirs={tmp_path}", f"--input={tmp_path / 'empty.txt'}"],
+                        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and not proc.stdout
+  assert f"--input={tmp_path / 'empty.txt'}: no inputs" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_report_per_task_errors_match_numpy(tmp_path):

@@ -217,6 +217,8 @@ def suite_latency(flags_):
     raise SystemExit("error: bench latency needs --workdirs=DIR[,DIR...] and --input=FILE")
   if len(set(flags_.workdirs)) != len(flags_.workdirs):
     raise SystemExit(f"error: --workdirs: {','.join(flags_.workdirs)} names a workdir twice")
+  if flags_.num_inputs < 1:
+    raise SystemExit(f"error: --num_inputs={flags_.num_inputs}: must be at least 1")
   models = {}
   for wd in flags_.workdirs:
     try:
@@ -224,8 +226,11 @@ def suite_latency(flags_):
       sources = trained.read_inputs(config, flags_.input)
     except ValueError as e:
       raise SystemExit(f"error: {wd}: {e}") from None
+    if not sources:
+      raise SystemExit(f"error: --input={flags_.input}: no inputs for {wd} "
+                       f"(task {config.task}); nothing to time")
     keep = np.unique(np.linspace(0, len(sources) - 1, min(flags_.num_inputs, len(sources))
-                                 ).round().astype(int)) if sources else []
+                                 ).round().astype(int))
     predict = evaluate.predict_fn_from_config(cfg, config)
     answer = lambda texts, rows, predict=predict, params=params, tok=tok, config=config: (
         evaluate.decode_texts(predict, params, tok, texts, batch_rows=rows,
@@ -248,12 +253,10 @@ def suite_latency(flags_):
     common.emit({"name": "latency", "workdir": wd, "task": m["config"].task,
                  "checkpoint_step": int(m["step"]), "inputs": len(ms), "batch": 1,
                  "beam_size": int(m["config"].decode.beam_size),
-                 "median_ms": float(np.median(ms)) if len(ms) else float("nan"),
-                 "p90_ms": float(np.percentile(ms, 90)) if len(ms) else float("nan"),
-                 "mean_ms": float(ms.mean()) if len(ms) else float("nan"),
+                 "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+                 "mean_ms": float(ms.mean()),
                  "same_as_batched": float(np.mean([a == b for a, b in zip(m["batch1"],
-                                                                          m["batched"])]))
-                 if len(ms) else float("nan"),
+                                                                          m["batched"])])),
                  "unique_params": counts["unique"], "effective_params": counts["effective"],
                  "kernels": common.kernels(m["cfg"])})
 
