@@ -90,8 +90,83 @@ def test_suite_prints_json_lines(suite, args, keys):
     assert rows[1]["params_bytes"] < rows[0]["params_bytes"]
 
 
+
+@pytest.mark.parametrize("args,message", [
+    ([], "bench latency needs --workdirs=DIR[,DIR...] and --input=FILE"),
+    (["--workdirs=a,a", "--input=in.txt"], "--workdirs: a,a names a workdir twice"),
+    (["--workdirs=a", "--input=in.txt", "--num_inputs=0"], "--num_inputs=0: must be at least 1"),
+])
+def test_latency_bad_flags_are_one_clear_error(args, message):
+  """Checked before any workdir is read or anything is timed: no row, one error line."""
+  proc = subprocess.run([sys.executable, "-m", "crosslayer.bench", "latency", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and not proc.stdout and "Traceback" not in proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [f"error: {message}"]
+
 # --- vs_flax_wmt / vs_torch: the same harness around another codebase's model. -------------
-# The peers are not dependencies: without them these tests skip, saying how to enable them.
+# The harness (crosslayer/bench/compare.py) is tested on our model alone, always; the peers
+# are not dependencies: without them only the two tests that time a peer skip, saying how to
+# enable them (in CI, CROSSLAYER_REQUIRE_PEERS=1 turns that skip into a failure).
+
+
+def test_compare_harness_trains_our_model_exactly():
+  """Our side of vs_flax_wmt / vs_torch: the harness's step is one Adam step on the
+  label-smoothed loss (a float64 numpy reference), the state is donated and advanced."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from crosslayer.bench import common, compare  # pylint: disable=g-import-not-at-top
+  from crosslayer.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  rows, length, vocab, smoothing = 3, 6, 11, 0.1
+  _, cfg = common.model_cfg("tiny", vocab=vocab, max_len=16, dropout=0.0)
+  cfg = cfg.replace(deterministic=True)
+  init, abstract = compare.init_params(Transformer(cfg), 1, length, length)
+  params = init(jax.random.key(0))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), abstract)
+  assert compare.param_count(params) == sum(a.size for a in jax.tree.leaves(params))
+  batch = common.synthetic_batch(rows, length, vocab)
+  batch["targets"][0, -2:] = 0  # padding: weight 0 in the loss
+  tx = compare.optimizer()
+  step = compare.make_train_step(Transformer(cfg), tx, label_smoothing=smoothing)
+  state = compare.new_state(params, tx)
+  kept = jax.tree.map(np.array, params)  # the state is donated: keep a copy
+  new, sums = step(state, jax.device_put(batch))
+
+  logits = np.asarray(Transformer(cfg).apply(
+      {"params": jax.tree.map(jax.numpy.asarray, kept)}, batch["inputs"], batch["targets"],
+      inputs_positions=batch["inputs_position"], targets_positions=batch["targets_position"],
+      inputs_segmentation=batch["inputs_segmentation"],
+      targets_segmentation=batch["targets_segmentation"]), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  q = np.full(logp.shape, smoothing / (vocab - 1))  # the smoothed target distribution
+  np.put_along_axis(q, batch["targets"][..., None], 1 - smoothing, axis=-1)
+  kl = (q * (np.log(q) - logp)).sum(-1)
+  weights = batch["targets"] > 0
+  assert float(sums["weight"]) == weights.sum() == rows * length - 2
+  np.testing.assert_allclose(float(sums["loss"]), (kl * weights).sum(), rtol=1e-5)
+  nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(sums["nll"]), (nll * weights).sum(), rtol=1e-5)
+
+  # one Adam step from zero moments moves each weight by about lr * sign(grad)
+  assert int(new["step"]) == 1
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(),
+                                       new["params"], kept))
+  assert max(moved) == pytest.approx(1e-3, rel=1e-3)
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state["params"]))
+
+  # the timing: every call warmed up, then the calls alternate one run each
+  order = []
+  calls = {side: (lambda side=side: order.append(side) or jax.numpy.zeros(()))
+           for side in ("ours", "theirs")}
+  seconds = compare.alternate_timing(calls, warmup=2, repeats=3)
+  assert order == ["ours", "ours", "theirs", "theirs"] + ["ours", "theirs"] * 3
+  assert set(seconds) == {"ours", "theirs"} and all(s > 0 for s in seconds.values())
+  stepper = compare.Stepper(step, compare.new_state(init(jax.random.key(0)), tx),
+                            jax.device_put(batch))
+  for expected in (1, 2):
+    stepper()
+    assert int(stepper.state["step"]) == expected
 PEERS_HINT = "run `bash .ci/peers` to install the benchmark peers (PyTorch CPU, Flax WMT example)"
 
 
