@@ -1,15 +1,21 @@
 """Benchmark suites run on a tiny config and print valid JSON; the FLOP count by hand."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import flax
+import jax
+import numpy as np
 import pytest
 
 from crosslayer import flops
+from crosslayer.bench import common, compare
 from crosslayer.model.config import default_model_config, from_config
+from crosslayer.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,17 +111,14 @@ def test_latency_bad_flags_are_one_clear_error(args, message):
 
 # --- vs_flax_wmt / vs_torch: the same harness around another codebase's model. -------------
 # The harness (crosslayer/bench/compare.py) is tested on our model alone, always; the peers
-# are not dependencies: without them only the two tests that time a peer skip, saying how to
-# enable them (in CI, CROSSLAYER_REQUIRE_PEERS=1 turns that skip into a failure).
+# are not dependencies: without one, its test checks what the bench does then (one skipped
+# row / one error line naming the fix) — in CI, CROSSLAYER_REQUIRE_PEERS=1 makes a missing
+# peer a failure instead.
 
 
 def test_compare_harness_trains_our_model_exactly():
   """Our side of vs_flax_wmt / vs_torch: the harness's step is one Adam step on the
   label-smoothed loss (a float64 numpy reference), the state is donated and advanced."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from crosslayer.bench import common, compare  # pylint: disable=g-import-not-at-top
-  from crosslayer.model.transformer import Transformer  # pylint: disable=g-import-not-at-top
   rows, length, vocab, smoothing = 3, 6, 11, 0.1
   _, cfg = common.model_cfg("tiny", vocab=vocab, max_len=16, dropout=0.0)
   cfg = cfg.replace(deterministic=True)
@@ -167,28 +170,19 @@ def test_compare_harness_trains_our_model_exactly():
   for expected in (1, 2):
     stepper()
     assert int(stepper.state["step"]) == expected
+
+
 PEERS_HINT = "run `bash .ci/peers` to install the benchmark peers (PyTorch CPU, Flax WMT example)"
 
 
-def _no_peer(reason: str):
-  """Skip without the peer, except where they must be there (CI: CROSSLAYER_REQUIRE_PEERS=1)."""
+def _peer_missing(reason: str):
+  """Where the peers must be there (CI: CROSSLAYER_REQUIRE_PEERS=1), a missing one fails."""
   if os.environ.get("CROSSLAYER_REQUIRE_PEERS"):
     pytest.fail(f"{reason}, but CROSSLAYER_REQUIRE_PEERS is set: {PEERS_HINT}")
-  pytest.skip(f"{reason}: {PEERS_HINT}")
 
 
 TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
 COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
-
-
-def _flax_dir():
-  """$FLAX_DIR, else the example that `bash .ci/peers` unpacks from the pinned flax sdist."""
-  import os  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  path = os.environ.get("FLAX_DIR") or str(ROOT / ".venv" / "flax_src" / f"flax-{flax.__version__}")
-  if not (Path(path) / "examples" / "wmt" / "models.py").is_file():
-    _no_peer(f"no Flax WMT example at {path} (or set FLAX_DIR to a google/flax checkout)")
-  return path
 
 
 def _bench(*args, timeout=600):
@@ -196,11 +190,30 @@ def _bench(*args, timeout=600):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _one_error_line(proc) -> str:
+  assert proc.returncode != 0 and not proc.stdout
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
 @pytest.mark.slow
 @pytest.mark.peers
 def test_vs_flax_wmt_prints_json_lines():
-  proc = _bench("vs_flax_wmt", f"--flax_dir={_flax_dir()}", *TINY, "--layers=2",
+  """With the Flax WMT example: four timing rows. Without it: one error naming --flax_dir."""
+  # $FLAX_DIR, else the example that `bash .ci/peers` unpacks from the pinned flax sdist
+  flax_dir = (os.environ.get("FLAX_DIR")
+              or str(ROOT / ".venv" / "flax_src" / f"flax-{flax.__version__}"))
+  missing = not (Path(flax_dir) / "examples" / "wmt" / "models.py").is_file()
+  if missing:
+    _peer_missing(f"no Flax WMT example at {flax_dir} (or set FLAX_DIR to a google/flax checkout)")
+  proc = _bench("vs_flax_wmt", f"--flax_dir={flax_dir}", *TINY, "--layers=2",
                 "--decode_batches=2", "--decode_len=5")
+  if missing:
+    line = _one_error_line(proc)
+    assert "--flax_dir" in line and "examples/wmt/models.py" in line and flax_dir in line
+    return
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert [r["what"] for r in rows] == ["train_step", "train_step", "compile", "decode"]
@@ -222,22 +235,25 @@ def test_vs_flax_wmt_prints_json_lines():
 @pytest.mark.parametrize("flag", ["--flax_dir=/nonexistent/flax", "--flax_dir=.", None])
 def test_vs_flax_wmt_bad_flax_dir_is_one_clear_error(flag):
   proc = _bench("vs_flax_wmt", *([flag] if flag else []), *TINY, timeout=120)
-  assert proc.returncode != 0 and not proc.stdout
-  assert "Traceback" not in proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, proc.stderr
-  assert "--flax_dir" in lines[0] and "examples/wmt/models.py" in lines[0]
+  line = _one_error_line(proc)
+  assert "--flax_dir" in line and "examples/wmt/models.py" in line
 
 
 @pytest.mark.slow
 @pytest.mark.peers
 def test_vs_torch_prints_json_lines():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("torch") is None:
-    _no_peer("PyTorch is not installed")
+  """With PyTorch: a row each for our scanned and unrolled model. Without: one skipped row."""
+  missing = importlib.util.find_spec("torch") is None
+  if missing:
+    _peer_missing("PyTorch is not installed")
   proc = _bench("vs_torch", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  if missing:
+    (row,) = rows
+    assert list(row) == ["name", "skipped"] and row["name"] == "vs_torch"
+    assert "pip install torch" in row["skipped"]
+    return
   assert "skipped" not in rows[0], f"{rows[0]['skipped']} (run `bash .ci/peers`)"
   assert [r["config"]["scan_layers"] for r in rows] == [True, False]  # ours rolled / unrolled
   for r in rows:
