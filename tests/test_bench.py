@@ -18,6 +18,21 @@ from crosslayer.model.config import default_model_config, from_config
 from crosslayer.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
+COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
+
+
+def _bench(*args, timeout=600, env=None):
+  cmd = [sys.executable, "-m", "crosslayer.bench", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _one_error_line(proc) -> str:
+  assert proc.returncode != 0 and not proc.stdout
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
 
 
 def test_analytic_flops_equal_a_hand_count():
@@ -63,9 +78,7 @@ def test_analytic_flops_equal_a_hand_count():
      {"name", "size", "scan_layers", "part", "kind", "seconds_per_step", "share", "kernels"}),
 ])
 def test_suite_prints_json_lines(suite, args, keys):
-  cmd = [sys.executable, "-m", "crosslayer.bench", suite, "--sizes=tiny", "--vocab=50",
-         "--rows=4", "--length=8", "--steps=2", *args]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = _bench(suite, *TINY, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert rows and all(next(iter(r)) == "name" and r["name"] == suite for r in rows)
@@ -104,10 +117,7 @@ def test_suite_prints_json_lines(suite, args, keys):
 ])
 def test_latency_bad_flags_are_one_clear_error(args, message):
   """Checked before any workdir is read or anything is timed: no row, one error line."""
-  proc = subprocess.run([sys.executable, "-m", "crosslayer.bench", "latency", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and not proc.stdout and "Traceback" not in proc.stderr
-  assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [f"error: {message}"]
+  assert _one_error_line(_bench("latency", *args, timeout=120)) == f"error: {message}"
 
 # --- vs_flax_wmt / vs_torch: the same harness around another codebase's model. -------------
 # The harness (crosslayer/bench/compare.py) is tested on our model alone, always; the peers
@@ -181,21 +191,13 @@ def _peer_missing(reason: str):
     pytest.fail(f"{reason}, but CROSSLAYER_REQUIRE_PEERS is set: {PEERS_HINT}")
 
 
-TINY = ["--sizes=tiny", "--vocab=50", "--rows=4", "--length=8", "--steps=2"]
-COMPARE_KEYS = {"name", "what", "config", "ours_seconds", "theirs_seconds", "speedup"}
-
-
-def _bench(*args, timeout=600):
-  cmd = [sys.executable, "-m", "crosslayer.bench", *args]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _one_error_line(proc) -> str:
-  assert proc.returncode != 0 and not proc.stdout
-  assert "Traceback" not in proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, proc.stderr
-  return lines[0]
+def _one_skipped_row(proc) -> str:
+  """vs_torch without PyTorch: exit 0, one `{"name": "vs_torch", "skipped": why}` row; `why`."""
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert list(row) == ["name", "skipped"] and row["name"] == "vs_torch"
+  assert "pip install torch" in row["skipped"]
+  return row["skipped"]
 
 
 @pytest.mark.slow
@@ -247,13 +249,11 @@ def test_vs_torch_prints_json_lines():
   if missing:
     _peer_missing("PyTorch is not installed")
   proc = _bench("vs_torch", *TINY)
+  if missing:
+    _one_skipped_row(proc)
+    return
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  if missing:
-    (row,) = rows
-    assert list(row) == ["name", "skipped"] and row["name"] == "vs_torch"
-    assert "pip install torch" in row["skipped"]
-    return
   assert "skipped" not in rows[0], f"{rows[0]['skipped']} (run `bash .ci/peers`)"
   assert [r["config"]["scan_layers"] for r in rows] == [True, False]  # ours rolled / unrolled
   for r in rows:
@@ -267,11 +267,7 @@ def test_vs_torch_without_torch_prints_one_skipped_line(tmp_path):
   hidden = tmp_path / "torch"  # a `torch` that cannot be imported, ahead of the real one
   hidden.mkdir()
   (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-  cmd = [sys.executable, "-m", "crosslayer.bench", "vs_torch", *TINY]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
-  assert list(row) == ["name", "skipped"] and row["name"] == "vs_torch"
-  assert "hidden by the test" in row["skipped"] and "pip install torch" in row["skipped"]
+  proc = _bench("vs_torch", *TINY, timeout=300,
+                env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+  assert "hidden by the test" in _one_skipped_row(proc)
   assert proc.stderr.count("vs_torch: skipped:") == 1
