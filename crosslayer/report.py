@@ -1,4 +1,5 @@
-"""A sweep's table and plots: `python -m crosslayer.report DIR [--baseline=VARIANT]`.
+"""A sweep's table and plots: `python -m crosslayer.report DIR [--baseline=VARIANT]
+[--columns=KEY,...]`.
 
 (`python -m crosslayer.report FILE.json...` prints one row per results.json instead, for runs
 made outside a sweep.)
@@ -7,7 +8,8 @@ Reads only DIR/sweep.json and the runs' results.json; writes DIR/table.md, DIR/t
 DIR/quality_vs_params.png and DIR/quality_vs_flops.png. One row per variant: schedule per
 stack, M, N, unique and effective parameters, training FLOPs, train tokens/s, steps, the
 task's metrics as mean ± std over the finished seeds (std with ddof=1), the experiment's
-`columns`, Δ of the primary metric against the baseline, and seeds finished / planned.
+`columns` and those of `--columns` (dotted results.json keys such as `eval.val.loss`; both
+printed with three decimals), Δ of the primary metric against the baseline, and seeds finished / planned.
 Runs not finished are never averaged in: `2/3` says one is missing, `(1 failed)` why.
 
 Runs that report per-task errors (question answering: eval[split]["per_task_error"]) also
@@ -128,19 +130,25 @@ def _num(x: float, digits: int = 2) -> str:
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _pm(ms) -> str:
+def _pm(ms, digits: int = 2) -> str:
   m, s = ms
   if math.isnan(m):
     return "—"
-  return f"{m:.2f}" + (f" ± {s:.2f}" if not math.isnan(s) else "")
+  return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if not math.isnan(s) else "")
 
 
 def write_report(root: str | Path, baseline: str = "", columns=None) -> dict:
-  """Writes the table and plots; returns {"rows", "metrics", "baseline"}."""
+  """Writes the table and plots; returns {"rows", "metrics", "baseline"}. `columns` (the
+  `--columns` flag) come after the experiment's own; each must be in a finished run."""
   root = Path(root)
   manifest, results = load(root)
-  if columns is None:
-    columns = tuple(manifest.get("columns", ()))
+  asked = tuple(columns or ())
+  columns = tuple(dict.fromkeys(tuple(manifest.get("columns", ())) + asked))
+  done = [r for r in results.values() if r]
+  for c in asked:
+    if done and not any(isinstance(_get(r, c), (int, float)) for r in done):
+      raise ValueError(f"--columns: {c!r} is not a number in any finished run's "
+                       f"results.json under {root} (keys are dotted, e.g. eval.val.loss)")
   table, metrics = rows(manifest, results, columns)
   variants = [r["variant"] for r in table]
   baseline = baseline or variants[0]
@@ -158,8 +166,9 @@ def write_report(root: str | Path, baseline: str = "", columns=None) -> dict:
   lines = [f"# {manifest['experiment']} (scale {manifest['scale']}, commit "
            f"{manifest.get('git_commit') or 'unknown'})", "",
            "Mean ± std over the finished seeds (std with ddof=1). Written by "
-           f"`python -m crosslayer.report {root}" + (f" --baseline={baseline}`" if baseline !=
-                                                     variants[0] else "`") + ".", "",
+           f"`python -m crosslayer.report {root}" +
+           (f" --baseline={baseline}" if baseline != variants[0] else "") +
+           (f" --columns={','.join(asked)}" if asked else "") + "`.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   csv_rows = []
   for r in table:
@@ -170,7 +179,7 @@ def write_report(root: str | Path, baseline: str = "", columns=None) -> dict:
              f"{r['train_flops']:.3g}" if "train_flops" in r else "—",
              f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else "—",
              str(r.get("steps", "—"))]
-    cells += [_pm(r[m]) for m in metrics] + [_pm(r[c]) for c in columns]
+    cells += [_pm(r[m]) for m in metrics] + [_pm(r[c], 3) for c in columns]
     cells += ["—" if r["variant"] == baseline else
               ("—" if math.isnan(r["delta"]) else f"{r['delta']:+.2f}"), seeds]
     lines.append("| " + " | ".join(cells) + " |")
@@ -319,15 +328,16 @@ def files_table(paths: list[str]) -> str:
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT] | "
-                         "FILE.json...")
+    raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT] "
+                         "[--columns=KEY,...] | FILE.json...")
   try:
     if all(a.endswith(".json") for a in argv[1:]):
       print(files_table(argv[1:]), end="")
       return
     if len(argv) != 2:
-      raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT]")
-    write_report(argv[1], flags.FLAGS.baseline)
+      raise app.UsageError("usage: python -m crosslayer.report DIR [--baseline=VARIANT] "
+                           "[--columns=KEY,...]")
+    write_report(argv[1], flags.FLAGS.baseline, flags.FLAGS.columns)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   print((Path(argv[1]) / "table.md").read_text())
@@ -335,4 +345,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("baseline", "", "The variant Δ is measured against (default: the first).")
+  flags.DEFINE_list("columns", None, "Extra results.json keys to average, dotted "
+                    "(eval.val.loss,train_seconds), shown after the experiment's own `columns`.")
   app.run(main)

@@ -235,6 +235,30 @@ def test_report_means_and_stds_match_numpy(swept, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_columns_flag_averages_dotted_keys_at_three_decimals(swept, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  _, src, _ = swept
+  root = tmp_path / "copy"
+  shutil.copytree(src, root)
+  cmd = [sys.executable, "-m", "crosslayer.report", str(root), "--columns=eval.val.loss"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  loss = [json.loads((src / n / "results.json").read_text())["eval"]["val"]["loss"]
+          for n in ("a/seed0", "a/seed1")]
+  table = (root / "table.md").read_text()
+  assert f"--columns=eval.val.loss`" in table and "| eval.val.loss |" in table
+  row = next(line for line in table.splitlines() if line.startswith("| a |"))
+  assert f"| {np.mean(loss):.3f} ± {np.std(loss, ddof=1):.3f} |" in row
+  assert "| train_seconds | eval.val.loss |" in table  # after the experiment's own columns
+  proc = subprocess.run(cmd[:-1] + ["--columns=eval.val.los"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --columns: 'eval.val.los' is not a number in any finished run's results.json "
+      f"under {root} (keys are dotted, e.g. eval.val.loss)")
+
+
+@pytest.mark.slow
 def test_report_of_single_results_files(swept):
   _, root, _ = swept
   files = [str(root / n / "results.json") for n in ("a/seed0", "b/seed1")]
