@@ -9,7 +9,8 @@ DIR/quality_vs_params.png and DIR/quality_vs_flops.png. One row per variant: sch
 stack, M, N, unique and effective parameters, training FLOPs, train tokens/s, steps, the
 task's metrics as mean ± std over the finished seeds (std with ddof=1), the experiment's
 `columns` and those of `--columns` (dotted results.json keys such as `eval.val.loss`; both
-printed with three decimals), Δ of the primary metric against the baseline, and seeds finished / planned.
+printed with three decimals), Δ of the primary metric against the baseline, and seeds
+finished / planned.
 Runs not finished are never averaged in: `2/3` says one is missing, `(1 failed)` why.
 
 Runs that report per-task errors (question answering: eval[split]["per_task_error"]) also

@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,12 +205,17 @@ def test_broken_experiment_fails_before_any_run(tmp_path, change, message):
   assert not (tmp_path / "root").exists()
 
 
-@pytest.mark.slow
-def test_report_means_and_stds_match_numpy(swept, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
-  _, src, _ = swept
+def _copy_of_sweep(swept, tmp_path) -> tuple[Path, Path]:
+  """(the module's sweep root, a copy of it the test may change)."""
+  src = swept[1]
   root = tmp_path / "copy"
   shutil.copytree(src, root)
+  return src, root
+
+
+@pytest.mark.slow
+def test_report_means_and_stds_match_numpy(swept, tmp_path):
+  src, root = _copy_of_sweep(swept, tmp_path)
   (root / "b/seed1/results.json").unlink()  # a run not finished: b has 1 of 2 seeds
   out = report.write_report(root, baseline="b")
   rows = {r["variant"]: r for r in out["rows"]}
@@ -236,17 +242,14 @@ def test_report_means_and_stds_match_numpy(swept, tmp_path):
 
 @pytest.mark.slow
 def test_report_columns_flag_averages_dotted_keys_at_three_decimals(swept, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
-  _, src, _ = swept
-  root = tmp_path / "copy"
-  shutil.copytree(src, root)
+  src, root = _copy_of_sweep(swept, tmp_path)
   cmd = [sys.executable, "-m", "crosslayer.report", str(root), "--columns=eval.val.loss"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   loss = [json.loads((src / n / "results.json").read_text())["eval"]["val"]["loss"]
           for n in ("a/seed0", "a/seed1")]
   table = (root / "table.md").read_text()
-  assert f"--columns=eval.val.loss`" in table and "| eval.val.loss |" in table
+  assert "--columns=eval.val.loss`" in table and "| eval.val.loss |" in table
   row = next(line for line in table.splitlines() if line.startswith("| a |"))
   assert f"| {np.mean(loss):.3f} ± {np.std(loss, ddof=1):.3f} |" in row
   assert "| train_seconds | eval.val.loss |" in table  # after the experiment's own columns
